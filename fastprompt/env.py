@@ -1,0 +1,56 @@
+"""The environment a result was produced in: versions, devices, git commit."""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def git_commit(path: Path | None = None) -> str:
+    """The commit of the checkout holding `path` (default: this package), or "unknown"."""
+    where = path or Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"], cwd=where, capture_output=True, text=True, timeout=5
+        )
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def device_names() -> list[str]:
+    if torch.cuda.is_available():
+        return [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return []
+
+
+def environment() -> dict[str, str]:
+    """Versions of the stack and the devices seen, as strings."""
+    import fastprompt
+
+    return {
+        "fastprompt": fastprompt.__version__,
+        "git commit": git_commit(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "open_clip": _version("open_clip_torch"),
+        "webdataset": _version("webdataset"),
+        "faiss": _version("faiss-cpu") if _version("faiss-cpu") != "not installed" else _version("faiss-gpu-cu12"),
+        "numpy": _version("numpy"),
+        "cuda (torch)": str(torch.version.cuda),
+        "cuda available": str(torch.cuda.is_available()),
+        "devices": ", ".join(device_names()) or f"cpu ({torch.get_num_threads()} threads)",
+    }
