@@ -173,23 +173,30 @@ def prograd_update_ref(param, momentum_buf, g_d, g_g, offsets, lam, lr, momentum
     device = param.device
     offsets = offsets.to(device)
     segment = _segment_ids(offsets, param.numel(), device)
-    grad = g_d.float()
+
+    def per_element(values: torch.Tensor) -> torch.Tensor:
+        return values.index_select(0, segment)
+
+    def segment_sum(values: torch.Tensor) -> torch.Tensor:
+        return torch.segment_reduce(values, "sum", offsets=offsets).float()
+
+    grad64 = g_d.double()
+    gd_sq = segment_sum(grad64 * grad64)
     if g_g is None:
-        gd_sq = torch.segment_reduce(grad.double().square(), "sum", offsets=offsets).float()
-        zeros = torch.zeros(num_segments, dtype=torch.float32, device=device)
-        dot, gg_sq, cos, conflict = zeros, zeros.clone(), zeros.clone(), zeros.bool()
+        grad = g_d.float()
+        dot, gg_sq, cos = (torch.zeros(num_segments, dtype=torch.float32, device=device) for _ in range(3))
+        conflict = torch.zeros(num_segments, dtype=torch.bool, device=device)
     else:
-        grad_g = g_g.float()
-        grad64, grad_g64 = grad.double(), grad_g.double()
-        products = torch.stack([grad64 * grad_g64, grad_g64.square(), grad64.square()], dim=1)
-        dot, gg_sq, gd_sq = torch.segment_reduce(products, "sum", offsets=offsets, axis=0).float().unbind(1)
+        grad_g64 = g_g.double()
+        dot, gg_sq = segment_sum(grad64 * grad_g64), segment_sum(grad_g64 * grad_g64)
+        del grad64, grad_g64
         coef, cos, conflict = _decide(dot, gg_sq, gd_sq, lam)
-        grad = grad - coef[segment] * grad_g
-    direction = grad + weight_decay[segment] * param
-    restart = (first_step | (momentum == 0))[segment]
-    momentum_buf.copy_(torch.where(restart, direction, momentum[segment] * momentum_buf + direction))
-    param.sub_(lr[segment] * momentum_buf)
-    return UpdateStats(dot.contiguous(), gg_sq.contiguous(), gd_sq.contiguous(), cos, conflict)
+        grad = torch.addcmul(g_d.float(), per_element(coef), g_g.float(), value=-1.0)
+    direction = torch.addcmul(grad, per_element(weight_decay), param)
+    restart = per_element(first_step | (momentum == 0))
+    momentum_buf.copy_(torch.where(restart, direction, torch.addcmul(direction, per_element(momentum), momentum_buf)))
+    param.addcmul_(per_element(lr), momentum_buf, value=-1.0)
+    return UpdateStats(dot, gg_sq, gd_sq, cos, conflict)
 
 
 def prograd_update_loop(param, momentum_buf, g_d, g_g, offsets, lam, lr, momentum, weight_decay, first_step):

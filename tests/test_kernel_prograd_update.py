@@ -391,3 +391,13 @@ def test_bad_inputs_raise_value_error(change, message, fn):
     case = make_case([5, 7], ["conflict", "agree"], seed=0)
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         fn(**_bad(case, change))
+
+
+@needs_triton
+def test_empty_segments_get_zero_statistics(poisoned_outputs):
+    """A zero-length segment still has one program, so its statistics are written (zeros), never left as NaN."""
+    device = _device_for_kernel()
+    case = make_case([3, 0, 40, 0], ["conflict", "conflict", "agree", "mixed"], seed=14, device=device)
+    fused, ref = run_both(case, block=16, tiles=1)
+    assert_matches(fused, ref, "empty segments")
+    assert fused[2].gd_sq[[1, 3]].eq(0).all() and not fused[2].conflict[[1, 3]].any()
