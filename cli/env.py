@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import typer
-
 from fastprompt.cli.app import app
 
 

@@ -55,5 +55,7 @@ def assert_close(
     ref_err = relative_error(low_precision_reference, expected) if low_precision_reference is not None else None
     err = relative_error(actual, expected)
     tol = tolerance(dtype, ref_err)
-    assert err <= tol, f"{what}: relative error {err:.3g} > tolerance {tol:.3g} (dtype {dtype}, reference error {ref_err})"
+    assert err <= tol, (
+        f"{what}: relative error {err:.3g} > tolerance {tol:.3g} (dtype {dtype}, reference error {ref_err})"
+    )
     return err
