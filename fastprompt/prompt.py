@@ -1,10 +1,10 @@
 """Prompt construction: token sequences, where the learnable context sits, and the initial context.
 
-PROTOCOL.md section 2. For class c the prompt text is `"X " * (n_ctx - w) + prefix + " " + c + "."` where `prefix` is the
-template without its `" {}."` and w its number of words (CoOp: no prefix, `"X " * n_ctx + c + "."`). The learnable
-context replaces token positions 1..n_ctx; everything after position n_ctx is fixed (for comma templates the last
-prefix token falls after position n_ctx and stays fixed, as in the reference). Positions "middle" and "front" move the
-class name as CoOp's `class_token_position` does.
+PROTOCOL.md section 2. For class c the prompt text is `"X " * (n_ctx - w) + prefix + " " + c + "."` where `prefix`
+is the template without its `" {}."` and w its number of words (CoOp: no prefix, `"X " * n_ctx + c + "."`). The
+learnable context replaces token positions 1..n_ctx; everything after position n_ctx is fixed (for comma templates
+the last prefix token falls after position n_ctx and stays fixed, as in the reference). Positions "middle" and
+"front" move the class name as CoOp's `class_token_position` does.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """The pieces of an open_clip text tower that PromptEncoder needs, and a functional transformer layer over them.
 
-The fast paths (truncation, shared prefix) are exact only for a causal text transformer read at its end-of-text token
-(OpenAI CLIP and open_clip's CLIP models, DESIGN.md items 2-3). `TextTower.fast_path_reason` says why a tower cannot take
-them (then PromptEncoder uses the plain full-context path); `TextTower.from_model` refuses a tower that cannot take
-learned context vectors at all.
+The fast paths (truncation, shared prefix) are exact only for a causal text transformer read at its end-of-text
+token (OpenAI CLIP and open_clip's CLIP models, DESIGN.md items 2-3). `TextTower.fast_path_reason` says why a tower
+cannot take them (then PromptEncoder uses the plain full-context path); `TextTower.from_model` refuses a tower that
+cannot take learned context vectors at all.
 """
 
 from __future__ import annotations
