@@ -1,0 +1,122 @@
+"""`fastprompt cache`: extract a dataset's image features once into a feature cache (arguments in, library call out)."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from fastprompt.cli.app import app
+
+from fastprompt.errors import FastPromptError
+
+HELP = """Extract image features once into a feature cache: the whole test split (one test view each), the union of
+the requested few-shot subsets (V augmented views per training image, one test view per validation image) or, with
+--full-train, the whole training and validation splits. Resumable: rerun the same command after an interruption.
+
+DATASET is a registered name (OxfordPets, Caltech101, OxfordFlowers, Food101, StanfordCars, SUN397, EuroSAT, UCF101,
+DescribableTextures, FGVCAircraft, ImageNet, ImageNetV2, ImageNetSketch, ImageNetA, ImageNetR), `imagefolder` (--root
+holds train/ val/ test/ with one folder per class) or `manifest` (--manifest CSV/JSONL with path,label,split).
+See docs/data.md for the folder layouts.
+
+\b
+Examples:
+  fastprompt cache OxfordPets --root ~/data --out caches/pets-rn50
+  fastprompt cache ImageNet --root ~/data --shots 1,2,4,8,16 --seeds 1,2,3 --views 16 --out caches/in --device cuda
+  torchrun --nproc_per_node 8 $(which fastprompt) cache ImageNet --root ~/data --out caches/imagenet --device cuda
+  fastprompt cache imagefolder --root ~/my_photos --name MyPhotos --out caches/mine --full-train
+  fastprompt cache manifest --manifest list.csv --classnames names.txt --out caches/listed
+"""
+
+
+def _integers(text: str, option: str) -> tuple[int, ...]:
+    if text.strip().lower() in ("", "none", "0"):
+        return ()
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise FastPromptError(f"{option} takes comma-separated integers like 1,2,4, got '{text}'.") from None
+
+
+@app.command("cache", help=HELP, no_args_is_help=True)
+def cache_command(
+    dataset: Annotated[str, typer.Argument(help="Registered dataset name, `imagefolder` or `manifest`.")],
+    out: Annotated[Path, typer.Option("--out", help="The cache folder to create (or resume).")],
+    root: Annotated[Path | None, typer.Option(help="Data root (the folder holding e.g. oxford_pets/).")] = None,
+    model: Annotated[str, typer.Option(help="open_clip model name.")] = "RN50",
+    pretrained: Annotated[
+        str | None, typer.Option(help="Pretrained tag or checkpoint file; 'none' for seeded random weights.")
+    ] = "openai",
+    shots: Annotated[str, typer.Option(help="Few-shot sizes, comma-separated ('none' for no subsets).")] = "1,2,4,8,16",
+    seeds: Annotated[str, typer.Option(help="Few-shot seeds, comma-separated.")] = "1,2,3",
+    views: Annotated[int, typer.Option(help="Augmented views per training image.")] = 16,
+    full_train: Annotated[bool, typer.Option(help="Store the whole training and validation splits.")] = False,
+    dtype: Annotated[str, typer.Option(help="Stored feature dtype: fp16 or fp32.")] = "fp16",
+    device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N (under torchrun cuda is each rank's GPU).")] = "cpu",
+    precision: Annotated[str, typer.Option(help="auto (fp16 autocast on CUDA), fp32, fp16 or bf16.")] = "auto",
+    batch_size: Annotated[int, typer.Option(help="Views per forward pass of the image tower.")] = 256,
+    num_workers: Annotated[int, typer.Option(help="DataLoader workers decoding and augmenting images.")] = 4,
+    shard_size: Annotated[str, typer.Option(help="Images per shard (1000) or a size bound (64MB).")] = "1000",
+    augmentation_seed: Annotated[int, typer.Option(help="Seed of the augmented views.")] = 0,
+    fewshot_pkl: Annotated[
+        bool, typer.Option(help="Import the reference's split_fewshot/shot_K-seed_S.pkl files instead of sampling.")
+    ] = False,
+    manifest: Annotated[Path | None, typer.Option(help="CSV or JSONL list for DATASET=manifest.")] = None,
+    classnames: Annotated[Path | None, typer.Option(help="Class names, one per line, for DATASET=manifest.")] = None,
+    name: Annotated[str | None, typer.Option(help="Dataset name recorded for imagefolder/manifest data.")] = None,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    import torch
+
+    from fastprompt.cache.extract import SkippedImagesWarning, build_cache
+    from fastprompt.cache.plan import CacheOptions, fewshot_subsets
+    from fastprompt.clip import load_clip
+    from fastprompt.data.registry import load_dataset
+
+    options = CacheOptions(
+        shots=_integers(shots, "--shots"),
+        seeds=_integers(seeds, "--seeds"),
+        views=views,
+        full_train=full_train,
+        dtype=dtype,
+        shard_size=shard_size,
+        augmentation_seed=augmentation_seed,
+    )
+    data = load_dataset(dataset, root, manifest=manifest, classnames_file=classnames, dataset_name=name)
+    if fewshot_pkl:
+        subsets = _import_pkl_subsets(dataset, root, data, options)
+    else:
+        subsets = fewshot_subsets(data, options.shots, options.seeds)
+    if options.shots and not data.train:
+        typer.echo(f"{data.name} has no training split: caching its test split only.")
+    if pretrained is None or pretrained.lower() == "none":
+        torch.manual_seed(0)  # random weights, the same in every process and every rerun (resumable, comparable)
+        pretrained = None
+    clip = load_clip(model, pretrained, device="cpu")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", SkippedImagesWarning)
+        summary = build_cache(
+            data, clip, out, options, subsets, device=device, precision=precision, batch_size=batch_size,
+            num_workers=num_workers, progress=progress,
+        )  # fmt: skip
+    if int(os.environ.get("RANK", "0")) == 0:
+        for warning in caught:
+            typer.secho(f"Warning: {warning.message}", err=True, fg=typer.colors.YELLOW)
+        for line in summary.lines():
+            typer.echo(line)
+
+
+def _import_pkl_subsets(dataset: str, root: Path | None, data, options) -> dict:
+    from fastprompt.data.pkl_import import fewshot_pkl_path, import_fewshot_pkl
+    from fastprompt.data.registry import get_dataset_spec
+
+    if root is None:
+        raise FastPromptError("--fewshot-pkl needs --root, the data root holding the dataset's split_fewshot/ folder.")
+    spec = get_dataset_spec(dataset)
+    return {
+        f"{k}-{seed}": import_fewshot_pkl(fewshot_pkl_path(spec, root, k, seed), spec, data.image_root)
+        for k in options.shots
+        for seed in options.seeds
+    }
