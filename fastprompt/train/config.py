@@ -1,0 +1,256 @@
+"""Run configuration: one frozen dataclass per run with PROTOCOL.md's defaults, and sweeps as cartesian products.
+
+Field names match the command-line options (`--lambda` is the field `lam`, written `lambda` in files and results).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from fastprompt.errors import ConfigError
+
+METHODS = ("zeroshot", "zeroshot_ensemble", "linear_probe", "coop", "prograd", "prograd_ensemble", "kd")
+PROMPT_METHODS = ("coop", "prograd", "prograd_ensemble", "kd")
+TEACHER_METHODS = ("prograd", "prograd_ensemble", "kd")
+SETTINGS = ("fewshot", "base2new")
+LAMBDA_POLICIES = ("release", "paper")
+LOW_LAMBDA_DATASETS = ("OxfordFlowers", "DescribableTextures", "EuroSAT")
+IMAGENET = "ImageNet"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that defines one run. `None` means "PROTOCOL.md's default for this run", resolved by `resolve`."""
+
+    method: str = "prograd"
+    dataset: str = ""
+    setting: str = "fewshot"
+    shots: int = 16
+    seed: int = 1
+    lam: float | None = None  # ProGrad's lambda; None: 1.0, or 0.8 by the lambda policy
+    lambda_policy: str = "release"  # "release": 0.8 at 8/16 shots on Flowers/DTD/EuroSAT; "paper": 0.8 at 16 shots
+    alpha: float = 1.0  # knowledge distillation weight of the KL term
+    temperature: float = 1.0
+    n_ctx: int = 16
+    init: str | None = None  # "template" (ProGrad, KD) or "random" (CoOp); None: by method
+    position: str = "end"
+    class_specific: bool = False
+    epochs: int | None = None  # None: 50 / 100 / 200 by shots (PROTOCOL.md section 4), ImageNet 50
+    batch_size: int = 32
+    lr: float = 0.002  # epoch e >= 1 uses lr / 2 * (1 + cos(pi * (e - 1) / E))
+    warmup_lr: float = 1e-5  # constant learning rate of epoch 0
+    warmup_epochs: int = 1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    precision: str = "fp32"  # compute precision of the text tower: fp32, bf16 or fp16 (autocast; fp32 master context)
+    eval_every: int = 0  # evaluate the test split every k epochs (0: only after the last epoch)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Field names as on the command line and in result files (`lam` is written `lambda`)."""
+        data = dataclasses.asdict(self)
+        data["lambda"] = data.pop("lam")
+        return data
+
+    @property
+    def run_id(self) -> str:
+        """A readable, unique folder name: method, dataset, shots, seed, the swept knobs, and a config hash."""
+        digest = hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:8]
+        parts = [self.method, self.dataset or "data", f"{self.shots}shot", f"seed{self.seed}"]
+        if self.setting != "fewshot":
+            parts.insert(2, self.setting)
+        if self.method in ("prograd", "prograd_ensemble"):
+            parts.append(f"lam{self.lam:g}")
+        if self.method == "kd":
+            parts.append(f"alpha{self.alpha:g}")
+        return "-".join([*parts, digest])
+
+    @property
+    def uses_prompt(self) -> bool:
+        return self.method in PROMPT_METHODS
+
+    @property
+    def uses_teacher(self) -> bool:
+        return self.method in TEACHER_METHODS
+
+
+def default_epochs(shots: int, dataset: str) -> int:
+    """50 epochs for 1 shot, 100 for 2 and 4, 200 for 8 and 16; ImageNet 50 for every shot count."""
+    if dataset == IMAGENET:
+        return 50
+    if shots <= 1:
+        return 50
+    if shots <= 4:
+        return 100
+    return 200
+
+
+def default_lambda(dataset: str, shots: int, policy: str = "release") -> float:
+    """ProGrad's lambda: 1.0, except 0.8 on Flowers, DTD and EuroSAT at 8 and 16 shots (release) or 16 (paper)."""
+    low_shots = (8, 16) if policy == "release" else (16,)
+    return 0.8 if dataset in LOW_LAMBDA_DATASETS and shots in low_shots else 1.0
+
+
+def resolve(config: RunConfig) -> RunConfig:
+    """Fill PROTOCOL.md's defaults and check every value; the result is what runs and what is written."""
+    if config.method not in METHODS:
+        raise ConfigError(f"Unknown method '{config.method}'; use one of {', '.join(METHODS)}.")
+    if config.setting not in SETTINGS:
+        raise ConfigError(f"Unknown setting '{config.setting}'; use one of {', '.join(SETTINGS)}.")
+    if config.lambda_policy not in LAMBDA_POLICIES:
+        raise ConfigError(f"Unknown lambda policy '{config.lambda_policy}'; use 'release' or 'paper'.")
+    if config.precision not in ("fp32", "bf16", "fp16"):
+        raise ConfigError(f"Unknown precision '{config.precision}'; use fp32, bf16 or fp16.")
+    for name in ("shots", "batch_size", "n_ctx"):
+        if getattr(config, name) < 1:
+            raise ConfigError(f"{name} must be at least 1 (got {getattr(config, name)}).")
+    for name in ("lr", "warmup_lr", "temperature"):
+        value = getattr(config, name)
+        if not math.isfinite(value) or value <= 0:
+            raise ConfigError(f"{name} must be a positive number (got {value}).")
+    changes: dict[str, Any] = {}
+    if config.epochs is None:
+        changes["epochs"] = default_epochs(config.shots, config.dataset)
+    elif config.epochs < 1:
+        raise ConfigError(f"epochs must be at least 1 (got {config.epochs}).")
+    if config.lam is None:
+        changes["lam"] = default_lambda(config.dataset, config.shots, config.lambda_policy)
+    if config.init is None:
+        changes["init"] = "random" if config.method == "coop" else "template"
+    elif config.init not in ("template", "random"):
+        raise ConfigError(f"Unknown init '{config.init}'; use 'template' or 'random'.")
+    return dataclasses.replace(config, **changes)
+
+
+# ------------------------------------------------------------------------------------------------------ sweeps
+FIELD_NAMES = {f.name for f in fields(RunConfig)}
+ALIASES = {"lambda": "lam", "methods": "method", "seeds": "seed", "datasets": "dataset", "lambdas": "lam"}
+
+
+def _field_name(key: str) -> str:
+    name = ALIASES.get(key, key).replace("-", "_")
+    if name not in FIELD_NAMES:
+        known = sorted({*FIELD_NAMES - {"lam"}, "lambda"})
+        raise ConfigError(f"Unknown sweep key '{key}'; known keys: {', '.join(known)}.")
+    return name
+
+
+def _coerce(name: str, value: Any) -> Any:
+    kind = {f.name: f.type for f in fields(RunConfig)}[name]
+    if value is None or (isinstance(value, str) and value.lower() == "none"):
+        return None
+    try:
+        if "bool" in kind:
+            return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
+        if "int" in kind and "float" not in kind:
+            return int(value)
+        if "float" in kind:
+            return float(value)
+    except ValueError:
+        raise ConfigError(f"'{value}' is not a valid value for {name} ({kind}).") from None
+    return str(value)
+
+
+def expand_sweep(axes: dict[str, list[Any]], fixed: dict[str, Any] | None = None) -> list[RunConfig]:
+    """The cartesian product of `axes` (key -> values) with `fixed` settings for every run, resolved.
+
+    Keys are RunConfig field names or their command-line spellings ("lambda", "batch-size"). `lam` applies to the
+    ProGrad methods only and `alpha` to KD only, so a sweep "methods x lambdas" does not repeat CoOp per lambda.
+    """
+    fixed = {_field_name(k): _coerce(_field_name(k), v) for k, v in (fixed or {}).items() if v is not None}
+    names = [_field_name(key) for key in axes]
+    values = [[_coerce(name, v) for v in axes[key]] for name, key in zip(names, axes, strict=True)]
+    runs: dict[str, RunConfig] = {}
+    for combo in itertools.product(*values):
+        settings = {**fixed, **dict(zip(names, combo, strict=True))}
+        method = settings.get("method", "prograd")
+        if method not in ("prograd", "prograd_ensemble"):
+            settings.pop("lam", None)
+        if method != "kd":
+            settings.pop("alpha", None)
+        config = resolve(RunConfig(**settings))
+        runs.setdefault(config.run_id, config)
+    return list(runs.values())
+
+
+def load_sweep_file(path: str | Path) -> tuple[dict[str, list[Any]], dict[str, Any]]:
+    """Read a TOML or YAML sweep: `[sweep]` (lists, the product's axes) and `[fixed]` (one value for all runs).
+
+    Raises:
+        ConfigError: the file is missing, unreadable, or has keys other than `sweep` and `fixed` or unknown fields.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"Sweep file '{path}' does not exist.")
+    text = path.read_text()
+    try:
+        if path.suffix == ".toml":
+            try:
+                import tomllib
+            except ModuleNotFoundError:  # Python 3.10
+                import tomli as tomllib
+            data = tomllib.loads(text)
+        elif path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        else:
+            raise ConfigError(f"Sweep file '{path}' must end in .toml, .yaml or .yml.")
+    except ConfigError:
+        raise
+    except Exception as error:
+        raise ConfigError(f"Could not parse sweep file '{path}': {error}") from None
+    unknown = set(data) - {"sweep", "fixed"}
+    if unknown:
+        raise ConfigError(f"Sweep file '{path}' has unknown sections {sorted(unknown)}; use [sweep] and [fixed].")
+    axes = {k: v if isinstance(v, list) else [v] for k, v in (data.get("sweep") or {}).items()}
+    fixed = dict(data.get("fixed") or {})
+    for key in [*axes, *fixed]:
+        _field_name(key)
+    return axes, fixed
+
+
+@dataclass
+class Schedule:
+    """Per-run step bookkeeping: iterations per epoch (drop-last rule) and the per-epoch learning rate."""
+
+    num_items: int
+    batch_size: int
+    epochs: int
+    lr: float
+    warmup_lr: float
+    warmup_epochs: int = 1
+    iterations: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.iterations = iterations_per_epoch(self.num_items, self.batch_size)
+
+    @property
+    def total_steps(self) -> int:
+        return self.iterations * self.epochs
+
+    def lr_at(self, epoch: int) -> float:
+        return learning_rate(epoch, self.epochs, self.lr, self.warmup_lr, self.warmup_epochs)
+
+
+def iterations_per_epoch(num_items: int, batch_size: int) -> int:
+    """floor(N / B) when N >= B (the last partial batch is dropped); one batch of all N images when N < B."""
+    if num_items < 1:
+        raise ConfigError("A run has no training images.")
+    return num_items // batch_size if num_items >= batch_size else 1
+
+
+def learning_rate(epoch: int, epochs: int, lr: float, warmup_lr: float, warmup_epochs: int = 1) -> float:
+    """Epoch e (0-based): warmup_lr for e < warmup_epochs, else lr / 2 * (1 + cos(pi * (e - 1) / E)).
+
+    With PROTOCOL.md's lr = 0.002 this is `0.001 * (1 + cos(pi * (e - 1) / E))`. The rate changes once per epoch.
+    """
+    if epoch < warmup_epochs:
+        return warmup_lr
+    return lr / 2 * (1 + math.cos(math.pi * (epoch - warmup_epochs) / epochs))

@@ -1,0 +1,314 @@
+"""The lock-step engine: many prompt runs of one dataset trained together (DESIGN.md items 5-8).
+
+Runs whose prompts share a layout (same template prefix, n_ctx, class position and classes) stack their contexts into
+one (P, M, W) tensor, so one PromptEncoder pass serves all of them. Each run keeps its own few-shot subset, data order
+and views (its own generator), schedule, optimizer state, projection and metrics, so a run trained here equals the same
+run trained alone. Per step:
+
+1. every active run draws its batch (its own permutation per epoch, one cached view per image and epoch);
+2. one encoder forward for all contexts; per-run student logits, CE loss and, where needed, the KL to the teacher;
+3. the two loss gradients with respect to the text features (cheap), then ONE batched vector-Jacobian product through
+   the encoder for both cotangents (G_d and G_g of the same forward pass);
+4. `update_step`: the fused ProGrad projection + SGD over every run's segment of the flat parameter buffer.
+
+With a class chunk size, step 2-3 run a no-grad pass for all classes (features and loss cotangents), then a recomputed
+forward and its backward per chunk of classes: exact, with memory set by the chunk, not by K.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from fastprompt.kernels.prograd_update import UpdateStats, prograd_update
+from fastprompt.train.config import RunConfig, Schedule
+
+
+@dataclass
+class RunState:
+    """One run inside the engine: its data, schedule, generator, position and per-epoch records."""
+
+    config: RunConfig
+    train_index: torch.Tensor  # (n,) int64 rows of the engine's training features
+    labels: torch.Tensor  # (n,) int64 labels in the run's class space
+    schedule: Schedule
+    generator: torch.Generator
+    teacher: str | None = None  # key of the teacher weights (None: no KL term)
+    step: int = 0
+    order: torch.Tensor | None = None  # this epoch's permutation of the run's items
+    views: torch.Tensor | None = None  # this epoch's view index per item
+    log: list[dict] = field(default_factory=list)
+    totals: dict[str, float] = field(default_factory=dict)
+    status: str = "running"
+    reason: str | None = None
+
+    @property
+    def epoch(self) -> int:
+        return self.step // self.schedule.iterations
+
+    @property
+    def done(self) -> bool:
+        return self.step >= self.schedule.total_steps
+
+    def next_batch(self, num_views: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(item rows, view indices, labels) of this step's batch; draws a new order and views at epoch start."""
+        iteration = self.step % self.schedule.iterations
+        if iteration == 0 or self.order is None:
+            n = self.train_index.numel()
+            self.order = torch.randperm(n, generator=self.generator)
+            self.views = torch.randint(num_views, (n,), generator=self.generator)
+        size = min(self.config.batch_size, self.train_index.numel())
+        chosen = self.order[iteration * size : (iteration + 1) * size]
+        return self.train_index[chosen], self.views[chosen], self.labels[chosen]
+
+    def state_dict(self) -> dict:
+        return {
+            "step": self.step,
+            "order": self.order,
+            "views": self.views,
+            "generator": self.generator.get_state(),
+            "log": self.log,
+            "totals": self.totals,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = state["step"]
+        self.order, self.views = state["order"], state["views"]
+        self.generator.set_state(state["generator"])
+        self.log, self.totals = state["log"], state["totals"]
+
+
+def update_step(
+    params: torch.Tensor,
+    momentum_buf: torch.Tensor,
+    g_d: torch.Tensor,
+    g_g: torch.Tensor | None,
+    offsets: torch.Tensor,
+    lam: torch.Tensor,
+    lr: torch.Tensor,
+    momentum: torch.Tensor,
+    weight_decay: torch.Tensor,
+    first_step: torch.Tensor,
+    update_fn: Callable = prograd_update,
+) -> UpdateStats:
+    """The one place the update happens: the fused kernel (or its reference) over every run's segment, in place."""
+    return update_fn(params, momentum_buf, g_d, g_g, offsets, lam, lr, momentum, weight_decay, first_step)
+
+
+class LockstepEngine:
+    """Trains a group of runs that share one PromptEncoder.
+
+    Args:
+        encoder: the group's PromptEncoder (K classes).
+        features: (N, V, D) training image features (normalised here) in the rows that the runs' indices use.
+        runs: the group's runs with their initial contexts (M, W) in `contexts`.
+        contexts: (P, M, W) initial contexts, fp32.
+        teachers: teacher key -> normalised zero-shot weights (K, E).
+        logit_scale: the model's exp(logit_scale).
+        class_chunk: classes per chunk for the memory-bounded path (None: all at once).
+        update_fn: the update implementation (default: the fused kernel, or its reference off CUDA).
+        autocast_dtype: bf16/fp16 autocast on CUDA (None: fp32).
+    """
+
+    def __init__(
+        self,
+        encoder,
+        features: torch.Tensor,
+        runs: list[RunState],
+        contexts: torch.Tensor,
+        teachers: dict[str, torch.Tensor],
+        logit_scale: float,
+        class_chunk: int | None = None,
+        update_fn: Callable = prograd_update,
+        autocast_dtype: torch.dtype | None = None,
+    ) -> None:
+        self.encoder = encoder
+        self.device = encoder.device
+        self.features = F.normalize(features.to(self.device, torch.float32), dim=-1)
+        self.num_views = features.shape[1]
+        self.runs = runs
+        self.shape = tuple(contexts.shape[1:])
+        self.params = contexts.detach().to(self.device, torch.float32).reshape(-1).clone()
+        self.momentum_buf = torch.zeros_like(self.params)
+        self.first_step = torch.tensor([run.step == 0 for run in runs], device=self.device)
+        self.teachers = {key: weights.to(self.device, torch.float32) for key, weights in teachers.items()}
+        self.logit_scale = logit_scale
+        self.class_chunk = class_chunk
+        self.update_fn = update_fn
+        self.autocast_dtype = autocast_dtype
+        self.segment = math.prod(self.shape)
+
+    # -------------------------------------------------------------------------------------------- bookkeeping
+    @property
+    def active(self) -> list[int]:
+        return [i for i, run in enumerate(self.runs) if run.status == "running" and not run.done]
+
+    def context(self, index: int) -> torch.Tensor:
+        """Run `index`'s current context (M, W) (a view of the flat buffer)."""
+        return self.params[index * self.segment : (index + 1) * self.segment].view(self.shape)
+
+    def set_state(self, index: int, context: torch.Tensor, momentum_buf: torch.Tensor, first_step: bool) -> None:
+        """Restore run `index`'s context, momentum buffer and first-step flag (from a checkpoint)."""
+        piece = slice(index * self.segment, (index + 1) * self.segment)
+        self.params[piece] = context.reshape(-1).to(self.params)
+        self.momentum_buf[piece] = momentum_buf.reshape(-1).to(self.params)
+        self.first_step[index] = first_step
+
+    def momentum_of(self, index: int) -> torch.Tensor:
+        return self.momentum_buf[index * self.segment : (index + 1) * self.segment].view(self.shape)
+
+    # ------------------------------------------------------------------------------------------------- step
+    def step(self) -> list[int]:
+        """One optimisation step of every active run; returns the indices of the runs that stepped."""
+        active = self.active
+        if not active:
+            return []
+        batches = [self.runs[i].next_batch(self.num_views) for i in active]
+        size = max(rows.numel() for rows, _, _ in batches)
+        p = len(active)
+        images = torch.zeros(p, size, self.features.shape[-1], device=self.device)
+        labels = torch.zeros(p, size, dtype=torch.long, device=self.device)
+        mask = torch.zeros(p, size, device=self.device)
+        for slot, (rows, views, run_labels) in enumerate(batches):
+            n = rows.numel()
+            images[slot, :n] = self.features[rows.to(self.device), views.to(self.device)]
+            labels[slot, :n] = run_labels.to(self.device)
+            mask[slot, :n] = 1.0
+        contexts = torch.stack([self.context(i) for i in active])
+        needs_teacher = [self.runs[i].teacher is not None for i in active]
+        teacher_logits = None
+        if any(needs_teacher):
+            weights = torch.stack([self.teachers[self.runs[i].teacher or next(iter(self.teachers))] for i in active])
+            teacher_logits = self.logit_scale * images @ weights.transpose(1, 2)  # (P, B, K)
+        head = _Head(self, images, labels, mask, teacher_logits, [self.runs[i].config.temperature for i in active])
+        grads, losses = self._gradients(contexts, head, any(needs_teacher))
+        self._update(active, grads, losses)
+        return active
+
+    def _gradients(self, contexts: torch.Tensor, head: _Head, with_teacher: bool):
+        """(G_d, G_g or None) each (P, M, W), and per-run losses/accuracy, from one forward pass per class chunk."""
+        num_cotangents = 2 if with_teacher else 1
+        k = self.encoder.num_classes
+        chunks = [None]
+        if self.class_chunk and self.class_chunk < k:
+            chunks = [
+                torch.arange(s, min(s + self.class_chunk, k), device=self.device) for s in range(0, k, self.class_chunk)
+            ]
+        with self._autocast():
+            if chunks == [None]:
+                leaf = contexts.detach().requires_grad_(True)
+                text = self.encoder(leaf)
+                cotangents, losses = head(text.detach().float())
+                grads = torch.autograd.grad(
+                    text, leaf, cotangents[:num_cotangents].to(text.dtype), is_grads_batched=True
+                )[0]
+            else:
+                with torch.no_grad():
+                    text = torch.cat([self.encoder(contexts, chunk) for chunk in chunks], dim=1)
+                cotangents, losses = head(text.float())
+                grads = torch.zeros(num_cotangents, *contexts.shape, device=self.device)
+                for chunk in chunks:
+                    leaf = contexts.detach().requires_grad_(True)
+                    part = self.encoder(leaf, chunk)
+                    cot = cotangents[:num_cotangents, :, chunk].to(part.dtype)
+                    grads += torch.autograd.grad(part, leaf, cot, is_grads_batched=True)[0]
+        grads = grads.float()
+        return (grads[0], grads[1] if with_teacher else None), losses
+
+    def _update(self, active: list[int], grads, losses: dict[str, torch.Tensor]) -> None:
+        g_d, g_g = grads
+        configs = [self.runs[i].config for i in active]
+        finite = torch.isfinite(losses["ce"]) & torch.isfinite(g_d.flatten(1)).all(dim=1)
+        if g_g is not None:
+            finite &= torch.isfinite(losses["kl"]) & torch.isfinite(g_g.flatten(1)).all(dim=1)
+            alpha = torch.tensor([c.alpha if c.method == "kd" else 0.0 for c in configs], device=self.device)
+            g_d = g_d + alpha[:, None, None] * g_g  # KD: one gradient of L_ce + alpha * L_kl (linearity), no projection
+        finite = finite.tolist()
+        for slot, ok in enumerate(finite):
+            if not ok:
+                run = self.runs[active[slot]]
+                run.status, run.reason = "failed", f"loss or gradient became NaN/inf at step {run.step} (diverged)"
+        keep = [slot for slot, ok in enumerate(finite) if ok]
+        if not keep:
+            return
+        # The flat buffers of the active runs (contiguous segments) are gathered, updated in place, scattered back.
+        index = torch.tensor([active[slot] for slot in keep], device=self.device)
+        pieces = (index[:, None] * self.segment + torch.arange(self.segment, device=self.device)).reshape(-1)
+        params, momentum_buf = self.params[pieces], self.momentum_buf[pieces]
+        runs = [self.runs[active[slot]] for slot in keep]
+        lam = [r.config.lam if r.config.method in ("prograd", "prograd_ensemble") else 0.0 for r in runs]
+        lr = [r.schedule.lr_at(r.epoch) for r in runs]
+
+        def per_run(values, dtype=torch.float32):
+            return torch.tensor(values, dtype=dtype, device=self.device)
+
+        offsets = torch.arange(len(keep) + 1, dtype=torch.long, device=self.device) * self.segment
+        stats = update_step(
+            params,
+            momentum_buf,
+            g_d[keep].reshape(-1).contiguous(),
+            g_g[keep].reshape(-1).contiguous() if g_g is not None else None,
+            offsets,
+            per_run(lam),
+            per_run(lr),
+            per_run([r.config.momentum for r in runs]),
+            per_run([r.config.weight_decay for r in runs]),
+            self.first_step[index],
+            self.update_fn,
+        )
+        self.params[pieces], self.momentum_buf[pieces] = params, momentum_buf
+        self.first_step[index] = False
+        for position, (slot, run) in enumerate(zip(keep, runs, strict=True)):
+            totals = run.totals
+            totals["loss"] = totals.get("loss", 0.0) + float(losses["ce"][slot])
+            totals["correct"] = totals.get("correct", 0.0) + float(losses["correct"][slot])
+            totals["seen"] = totals.get("seen", 0.0) + float(losses["seen"][slot])
+            totals["steps"] = totals.get("steps", 0.0) + 1
+            if g_g is not None:
+                totals["cos"] = totals.get("cos", 0.0) + float(stats.cos[position])
+                totals["conflicts"] = totals.get("conflicts", 0.0) + float(stats.conflict[position])
+            totals["lr"] = lr[position]
+            run.step += 1
+
+    def _autocast(self):
+        if self.autocast_dtype is None or self.device.type != "cuda":
+            return torch.autocast(device_type="cpu", enabled=False)
+        return torch.autocast(device_type="cuda", dtype=self.autocast_dtype)
+
+
+class _Head:
+    """Per-run losses on the text features and their gradients (the cotangents for the encoder's VJP)."""
+
+    def __init__(self, engine: LockstepEngine, images, labels, mask, teacher_logits, temperatures) -> None:
+        self.engine, self.images, self.labels, self.mask = engine, images, labels, mask
+        self.teacher_logits = teacher_logits
+        self.temperatures = torch.tensor(temperatures, device=engine.device)
+
+    def __call__(self, text: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Cotangents (2, P, K, E) of (sum of per-run CE, sum of per-run KL) w.r.t. text (P, K, E), and losses."""
+        leaf = text.detach().requires_grad_(True)
+        logits = self.engine.logit_scale * torch.einsum("pbd,pkd->pbk", self.images, F.normalize(leaf, dim=-1))
+        count = self.mask.sum(dim=1)
+        ce_rows = F.cross_entropy(logits.flatten(0, 1), self.labels.flatten(), reduction="none").view_as(self.mask)
+        ce = (ce_rows * self.mask).sum(dim=1) / count
+        (cot_ce,) = torch.autograd.grad(ce.sum(), leaf, retain_graph=self.teacher_logits is not None)
+        kl = torch.zeros_like(ce)
+        cot_kl = torch.zeros_like(cot_ce)
+        if self.teacher_logits is not None:
+            kl_rows = _soft_ce_per_run(logits, self.teacher_logits, self.temperatures)
+            kl = (kl_rows * self.mask).sum(dim=1) / count
+            (cot_kl,) = torch.autograd.grad(kl.sum(), leaf)
+        correct = ((logits.argmax(dim=-1) == self.labels).float() * self.mask).sum(dim=1)
+        losses = {"ce": ce.detach(), "kl": kl.detach(), "correct": correct.detach(), "seen": count}
+        return torch.stack([cot_ce, cot_kl]), losses
+
+
+def _soft_ce_per_run(student: torch.Tensor, teacher: torch.Tensor, temperatures: torch.Tensor) -> torch.Tensor:
+    """sum_k -p_teacher(k) log p_student(k) at each run's temperature T, times T^2: (P, B, K) logits -> (P, B)."""
+    t = temperatures[:, None, None]
+    targets = (teacher / t).softmax(dim=-1)
+    return -(targets * (student / t).log_softmax(dim=-1)).sum(dim=-1) * temperatures[:, None] ** 2
