@@ -45,7 +45,7 @@ class SkippedImagesWarning(UserWarning):
 
 @dataclass
 class CacheSummary:
-    """What one `build_cache` call did (on this rank)."""
+    """What one `build_cache` call did, all ranks together."""
 
     out: Path
     images: int = 0
@@ -193,7 +193,7 @@ def _build(dataset, clip, out, options, subsets, ranks, device, precision, batch
         plan, todo, encoder, transform, options.dtype, batch_size, num_workers, out, summary, progress and ranks.is_main
     )
     summary.seconds = time.perf_counter() - started
-    rank_tools.barrier(ranks)
+    summary = _combine(rank_tools.gather(ranks, summary))
     if ranks.is_main:
         records = done_shards(out, plan.shards)
         missing = [shard.name for shard in plan.shards if shard.name not in records]
@@ -262,6 +262,19 @@ def _extract(plan: CachePlan, shards: list[ShardPlan], encoder, transform, dtype
             write_shard_and_record(out, shard, samples, skipped, summary)
             shard_index, samples, skipped = shard_index + 1, [], []
     bar.close()
+
+
+def _combine(summaries: list[CacheSummary]) -> CacheSummary:
+    """All ranks' work as one summary (the ranks run in parallel: the time is the slowest rank's)."""
+    combined = summaries[0]
+    for other in summaries[1:]:
+        combined.images += other.images
+        combined.views += other.views
+        combined.bytes_written += other.bytes_written
+        combined.shards_written += other.shards_written
+        combined.skipped.extend(other.skipped)
+        combined.seconds = max(combined.seconds, other.seconds)
+    return combined
 
 
 def write_shard_and_record(out: Path, shard: ShardPlan, samples: list[Sample], skipped: list[dict], summary) -> None:

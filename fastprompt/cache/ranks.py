@@ -65,6 +65,15 @@ def share_from_main(ranks: Ranks, value: object) -> object:
     return holder[0]
 
 
+def gather(ranks: Ranks, value: object) -> list[object]:
+    """Every rank's `value`, in rank order (a one-element list without torchrun)."""
+    if ranks.world_size <= 1:
+        return [value]
+    values: list[object] = [None] * ranks.world_size
+    dist.all_gather_object(values, value)
+    return values
+
+
 def stop(ranks: Ranks) -> None:
     if ranks.started_here and dist.is_initialized():
         dist.destroy_process_group()
