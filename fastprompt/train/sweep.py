@@ -68,7 +68,7 @@ class DatasetView:
         return subset.train_index[keep].cpu(), relabelled[keep].cpu(), subset.train_keys, subset.val_keys
 
 
-def _select(features: torch.Tensor, labels: torch.Tensor, classes: list[int]):
+def _select(features: torch.Tensor, labels: torch.Tensor, classes: list[int], normalize: bool = True):
     if not classes:
         return None
     mapping = torch.full((int(labels.max()) + 1 if labels.numel() else 1,), -1, dtype=torch.long, device=labels.device)
@@ -76,7 +76,8 @@ def _select(features: torch.Tensor, labels: torch.Tensor, classes: list[int]):
     mapping[chosen] = torch.arange(chosen.numel(), device=labels.device)
     relabelled = mapping[labels]
     keep = relabelled >= 0
-    return F.normalize(features[keep].float(), dim=-1), relabelled[keep]
+    chosen_features = features[keep].float()
+    return (F.normalize(chosen_features, dim=-1) if normalize else chosen_features), relabelled[keep]
 
 
 def _evaluate(encoder, context: torch.Tensor, test) -> tuple[float, list]:
@@ -297,8 +298,11 @@ def _baseline(config: RunConfig, view: DatasetView, clip, prograd_tpl: str, coop
         subset = view.cache.fewshot(config.shots, config.seed)
         train = view.train.features[rows.to(view.train.features.device)]  # (n, V, D): every cached view is a sample
         val = view.cache.split("val")
-        val_feats, val_labels = _select(val.features[subset.val_index, 0], val.labels[subset.val_index], view.base)
-        test_feats, test_labels = view.test_base
+        val_feats, val_labels = _select(
+            val.features[subset.val_index, 0], val.labels[subset.val_index], view.base, normalize=False
+        )
+        test = view.cache.split("test")
+        test_feats, test_labels = _select(test.features[:, 0], test.labels, view.base, normalize=False)
         result = linear_probe(
             train.flatten(0, 1).float(),
             labels.repeat_interleave(train.shape[1]).to(train.device),
