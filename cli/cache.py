@@ -12,23 +12,24 @@ from fastprompt.cli.app import app
 
 from fastprompt.errors import FastPromptError
 
-HELP = """Extract image features once into a feature cache: the whole test split (one test view each), the union of
-the requested few-shot subsets (V augmented views per training image, one test view per validation image) or, with
---full-train, the whole training and validation splits. Resumable: rerun the same command after an interruption.
-
-DATASET is a registered name (OxfordPets, Caltech101, OxfordFlowers, Food101, StanfordCars, SUN397, EuroSAT, UCF101,
-DescribableTextures, FGVCAircraft, ImageNet, ImageNetV2, ImageNetSketch, ImageNetA, ImageNetR), `imagefolder` (--root
-holds train/ val/ test/ with one folder per class) or `manifest` (--manifest CSV/JSONL with path,label,split).
-See docs/data.md for the folder layouts.
-
-\b
-Examples:
-  fastprompt cache OxfordPets --root ~/data --out caches/pets-rn50
-  fastprompt cache ImageNet --root ~/data --shots 1,2,4,8,16 --seeds 1,2,3 --views 16 --out caches/in --device cuda
-  torchrun --nproc_per_node 8 $(which fastprompt) cache ImageNet --root ~/data --out caches/imagenet --device cuda
-  fastprompt cache imagefolder --root ~/my_photos --name MyPhotos --out caches/mine --full-train
-  fastprompt cache manifest --manifest list.csv --classnames names.txt --out caches/listed
-"""
+HELP = (
+    "Extract image features once into a feature cache (docs/data.md).\n\n"
+    "The cache holds the whole test split (one test view per image), the union of the requested few-shot subsets "
+    "(V augmented views per training image, one test view per validation image) or, with --full-train, the whole "
+    "training and validation splits. Rerun the same command to resume after an interruption; a complete cache is left "
+    "as it is.\n\n"
+    "DATASET is a registered name (OxfordPets, Caltech101, OxfordFlowers, Food101, StanfordCars, SUN397, EuroSAT, "
+    "UCF101, DescribableTextures, FGVCAircraft, ImageNet, ImageNetV2, ImageNetSketch, ImageNetA, ImageNetR), "
+    "`imagefolder` (--root holds train/ val/ test/ with one folder per class) or `manifest` (--manifest: CSV or JSONL "
+    "with path,label,split and optionally classname).\n\n"
+    "Examples:\n\n"
+    "fastprompt cache OxfordPets --root ~/data --out caches/pets-rn50 --device cuda\n\n"
+    "fastprompt cache ImageNet --root ~/data --shots 1,2,4,8,16 --seeds 1,2,3 --views 16 --out caches/in --device cuda"
+    "\n\n"
+    "torchrun --nproc_per_node 8 $(which fastprompt) cache ImageNet --root ~/data --out caches/in --device cuda\n\n"
+    "fastprompt cache imagefolder --root ~/my_photos --name MyPhotos --out caches/mine --full-train\n\n"
+    "fastprompt cache manifest --manifest list.csv --classnames names.txt --out caches/listed"
+)
 
 
 def _integers(text: str, option: str) -> tuple[int, ...]:

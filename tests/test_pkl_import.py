@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import sys
 import types
 
 import pytest
+from fastprompt.cli.app import load_commands
+from typer.testing import CliRunner
 
-from fastprompt.data.pkl_import import import_fewshot_pkl, load_restricted, rebase_key
-from fastprompt.data.registry import get_dataset_spec
+from fastprompt.data.fewshot import sample_fewshot
+from fastprompt.data.pkl_import import fewshot_pkl_path, import_fewshot_pkl, load_restricted, rebase_key
+from fastprompt.data.registry import get_dataset_spec, load_dataset, register_dataset
 from fastprompt.errors import FastPromptError
 
 TOOLKIT_MODULE = "dassl.data.datasets.base_dataset"
@@ -109,3 +113,35 @@ def test_rebase_keeps_the_part_after_the_image_folder(impath, dataset_dir, image
 def test_rebase_without_image_folder_is_one_sentence():
     with pytest.raises(FastPromptError, match="does not contain the image folder"):
         rebase_key("/a/b/c.jpg", "oxford_pets", "images")
+
+
+def test_imported_subsets_equal_sampled_ones_and_cli_names_missing_files(tmp_path, monkeypatch):
+    rows = {
+        split: [[f"c{label}/{split}{i}.jpg", label, f"c{label}"] for label in range(3) for i in range(6)]
+        for split in ("train", "val", "test")
+    }
+    (tmp_path / "pkl_toy" / "images").mkdir(parents=True)
+    (tmp_path / "pkl_toy" / "split_zhou_PklToy.json").write_text(json.dumps(rows))
+    spec = register_dataset("PklToy", "pkl_toy", "images", replace=True)
+    dataset = load_dataset("PklToy", tmp_path)
+    train, val = sample_fewshot(dataset.train, dataset.val, 4, 2)
+
+    datum = make_toolkit_datum_class()
+    old_root = "/old/machine/data/pkl_toy/images"
+    content = {part: [datum(f"{old_root}/{i.key}", i.label, 0, i.classname) for i in items]
+               for part, items in (("train", train), ("val", val))}  # fmt: skip
+    path = fewshot_pkl_path(spec, tmp_path, 4, 2)
+    path.parent.mkdir()
+    for depth, name in enumerate(("dassl", "dassl.data", "dassl.data.datasets", TOOLKIT_MODULE)):
+        module = types.ModuleType(name)
+        if depth == 3:
+            module.Datum = datum
+        monkeypatch.setitem(sys.modules, name, module)
+    path.write_bytes(pickle.dumps(content, protocol=pickle.HIGHEST_PROTOCOL))
+    imported_train, imported_val = import_fewshot_pkl(path, spec, dataset.image_root)
+    assert imported_train == train and imported_val == val
+
+    args = ["cache", "PklToy", "--root", str(tmp_path), "--fewshot-pkl", "--shots", "4", "--seeds", "1,2"]
+    result = CliRunner().invoke(load_commands(), [*args, "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "Expected the few-shot file" in result.output
+    assert "shot_4-seed_1.pkl" in result.output.replace("\n", "")
