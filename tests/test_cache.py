@@ -250,3 +250,31 @@ def test_cli_bad_input_is_one_sentence(tmp_path, args, message):
     assert result.exit_code == 2
     assert "Traceback" not in result.output
     assert re.search(message, result.output.replace("\n", " ")), result.output
+
+
+def test_each_image_is_decoded_once_and_each_view_encoded_once(toy, tmp_path, monkeypatch):
+    from fastprompt.cache import decode
+
+    decoded_paths = []
+
+    def counting_load_rgb(path):
+        decoded_paths.append(path)
+        return load_rgb(path)
+
+    monkeypatch.setattr(decode, "load_rgb", counting_load_rgb)
+    with pytest.warns(SkippedImagesWarning):
+        summary = build(toy["dataset"], toy["clip"], tmp_path / "counted")
+    manifest = json.loads((tmp_path / "counted" / "manifest.json").read_text())
+    splits = manifest["splits"]
+    assert len(decoded_paths) == len(set(decoded_paths)) == sum(split["count"] for split in splits.values()) + 1
+    assert summary.views == sum(split["count"] * split["views"] for split in splits.values())
+    train_keys = [key for subset in manifest["fewshot"].values() for key in subset["train"]]
+    assert len(train_keys) > len(set(train_keys)) == splits["train"]["count"]  # subsets overlap, images stored once
+
+
+def test_cache_that_does_not_fit_is_refused(toy, monkeypatch):
+    from fastprompt.cache import loader
+
+    monkeypatch.setattr(loader, "available_memory_bytes", lambda device: 1000)
+    with pytest.raises(FastPromptError, match="needs .* GiB on cpu but only .* GiB are free"):
+        FeatureCache(toy["out"])

@@ -63,6 +63,11 @@ def check_folder(out: Path, record: dict) -> bool:
     """
     plan_path = Path(out) / PROGRESS_DIR / "plan.json"
     if not plan_path.is_file():
+        if (Path(out) / MANIFEST).is_file():
+            raise FastPromptError(
+                f"'{out}' holds a finished cache without its {PROGRESS_DIR}/ records, so it cannot be checked or "
+                f"extended; load it with FeatureCache, or pass another --out to build a new one."
+            )
         if Path(out).is_dir() and any(Path(out).iterdir()):
             raise FastPromptError(
                 f"'{out}' is not empty and holds no fastprompt cache in progress; pass a new or empty --out folder."
