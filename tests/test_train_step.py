@@ -8,11 +8,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from fastprompt.kernels.prograd_update import prograd_update_ref
 from numerics import assert_close
 
 from fastprompt.clip import load_clip
 from fastprompt.encoder import PromptEncoder
-from fastprompt.kernels.prograd_update import prograd_update_ref
 from fastprompt.train.config import RunConfig, Schedule, resolve
 from fastprompt.train.engine import LockstepEngine, RunState
 from fastprompt.zeroshot import zero_shot_weights
@@ -78,18 +78,26 @@ def reference_training(clip, features, labels, teacher, method, steps, epochs, l
 
 
 def engine_training(clip, features, labels, teacher, method, steps, epochs, lam=1.0, alpha=1.0, init="template"):
-    config = resolve(RunConfig(method=method, dataset="OxfordPets", shots=2, seed=1, lam=lam, alpha=alpha,
-                               epochs=epochs, init=init))
+    config = resolve(
+        RunConfig(method=method, dataset="OxfordPets", shots=2, seed=1, lam=lam, alpha=alpha, epochs=epochs, init=init)
+    )
     encoder = PromptEncoder(clip, NAMES, n_ctx=16, prompt_prefix=PREFIX if init == "template" else None)
     if init == "template":
         start = encoder.initial_context("template")
     else:
         start = torch.randn(16, 64, generator=torch.Generator().manual_seed(1)) * 0.02
     schedule = Schedule(len(labels), config.batch_size, config.epochs, config.lr, config.warmup_lr)
-    run = RunState(config, torch.arange(len(labels)), labels, schedule, torch.Generator().manual_seed(1),
-                   teacher=None if method == "coop" else "zs")
-    engine = LockstepEngine(encoder, features, [run], start[None], {"zs": teacher}, clip.logit_scale,
-                            update_fn=prograd_update_ref)
+    run = RunState(
+        config,
+        torch.arange(len(labels)),
+        labels,
+        schedule,
+        torch.Generator().manual_seed(1),
+        teacher=None if method == "coop" else "zs",
+    )
+    engine = LockstepEngine(
+        encoder, features, [run], start[None], {"zs": teacher}, clip.logit_scale, update_fn=prograd_update_ref
+    )
     for _ in range(steps):
         engine.step()
     return engine.context(0).clone(), run
