@@ -4,7 +4,19 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from fastprompt.cache.loader import FeatureCache  # noqa: E402
 from fastprompt.clip import Clip, load_clip  # noqa: E402
+from fastprompt.encoder import PromptEncoder  # noqa: E402
 from fastprompt.errors import FastPromptError  # noqa: E402
+from fastprompt.zeroshot import zero_shot_accuracy, zero_shot_weights  # noqa: E402
 
-__all__ = ["Clip", "FastPromptError", "load_clip", "__version__"]
+__all__ = [
+    "Clip",
+    "FastPromptError",
+    "FeatureCache",
+    "PromptEncoder",
+    "__version__",
+    "load_clip",
+    "zero_shot_accuracy",
+    "zero_shot_weights",
+]

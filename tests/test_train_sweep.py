@@ -243,8 +243,8 @@ def test_cli_bad_input_is_one_sentence(cli_cache, tmp_path):
     method = runner.invoke(load_commands(), ["train", "--cache", str(cli_cache), "--out", str(tmp_path),
                                              "--methods", "cop"])  # fmt: skip
     assert method.exit_code == 2 and "Unknown method 'cop'" in method.output
-    shots = runner.invoke(load_commands(), ["train", "--cache", str(cli_cache), "--out", str(tmp_path / "s"),
-                                            "--methods", "coop", "--shots", "16", "--epochs", "1", "--no-progress"])  # fmt: skip
+    args = ["train", "--cache", str(cli_cache), "--out", str(tmp_path / "s"), "--methods", "coop", "--shots", "16"]
+    shots = runner.invoke(load_commands(), args)
     assert shots.exit_code == 2 and "holds no 16-shot subset" in shots.output
 
 
