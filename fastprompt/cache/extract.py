@@ -112,9 +112,13 @@ class ImageEncoder:
 
 
 def model_record(clip, precision: str) -> dict:
+    """The manifest's `model`: a checkpoint file is recorded by its absolute path, so the trainer finds it."""
+    pretrained = None if clip.pretrained is None else str(clip.pretrained)
+    if pretrained is not None and Path(pretrained).is_file():
+        pretrained = str(Path(pretrained).resolve())
     return {
         "name": clip.name,
-        "pretrained": None if clip.pretrained is None else str(clip.pretrained),
+        "pretrained": pretrained,
         "weights_sha256": clip.weights_checksum,
         "precision": precision,
         "preprocess": {key: clip.preprocess_cfg[key] for key in ("size", "mean", "std", "interpolation")},
