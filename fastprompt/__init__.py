@@ -6,6 +6,7 @@ __version__ = "0.1.0"
 
 from fastprompt.cache.loader import FeatureCache  # noqa: E402
 from fastprompt.clip import Clip, load_clip  # noqa: E402
+from fastprompt.data import register_dataset, sample_fewshot, split_base_new  # noqa: E402
 from fastprompt.encoder import PromptEncoder  # noqa: E402
 from fastprompt.errors import FastPromptError  # noqa: E402
 from fastprompt.zeroshot import zero_shot_accuracy, zero_shot_weights  # noqa: E402
@@ -17,6 +18,9 @@ __all__ = [
     "PromptEncoder",
     "__version__",
     "load_clip",
+    "register_dataset",
+    "sample_fewshot",
+    "split_base_new",
     "zero_shot_accuracy",
     "zero_shot_weights",
 ]
