@@ -1,0 +1,225 @@
+"""One ProGrad training step on the CPU: fastprompt's lock-step engine against the reference's per-step work.
+
+Both sides use the same RN50 CLIP (random weights; real 12 x 512 text tower, 1024-d embeddings), the 37 OxfordPets
+classes, ProGrad's initialisation prompt "a type of pet, a photo of a" (16 context vectors) and a batch of 32.
+
+- reference (issue): what the released ProGrad trainer does per step, as the issue counts it: the frozen RN50 image
+  tower (eval mode, fp32, no grad) on 32 augmented 224 x 224 images for the student and again for the zero-shot
+  teacher; the student's 77-token text tower over the 37 prompts with grad; the teacher's text tower over its 37
+  prompts (no grad); two backward passes (G_d with retain_graph, then G_g); the per-tensor projection; torch.optim.SGD.
+  Image decoding and augmentation are not timed (they favour the reference).
+- reference (released): the same without the teacher's text forward, which the released code computes once at init.
+- fastprompt P: `LockstepEngine.step()` for P ProGrad runs at once on cached, normalised image features (N = 592 =
+  16 shots x 37, one view, D = 1024): one shared-prefix encoder forward for all P contexts, one batched VJP for G_d and
+  G_g, the update (the PyTorch reference of the fused kernel, as the engine runs it on a CPU). Seconds per run-step =
+  step time / P.
+
+All variants run interleaved (round-robin); the table shows medians. Predicted FLOPs: RN50 image tower 4.1 GFLOPs per
+224 x 224 image forward; text tower 2 x 12 layers x 12 x 512^2 = 75.5 MFLOPs per token forward; a backward pass with
+frozen weights computes input gradients only (about one forward's FLOPs); attention scores are not counted.
+
+Usage:
+    python bench/bench_train_step.py                 # about 5 minutes on 2 CPU cores
+    python bench/bench_train_step.py --repeats 5 --contexts 1 4 15 --out /tmp/train_step.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from common import DEFAULT_PROMPTS, RESULTS, append_rows, format_table, interleaved, load_classnames, median
+
+from fastprompt.clip import load_clip
+from fastprompt.encoder import PromptEncoder
+from fastprompt.train.config import RunConfig, Schedule, resolve
+from fastprompt.train.engine import LockstepEngine, RunState
+from fastprompt.zeroshot import zero_shot_weights
+
+PREFIX = "a type of pet, a photo of a"
+TEMPLATE = PREFIX + " {}."
+N_CTX = 16
+IMAGE_GFLOPS = 4.1  # RN50 image tower, one 224 x 224 forward
+TOKEN_GFLOPS = 2 * 12 * 12 * 512**2 / 1e9  # text tower, one token forward
+FIELDS = [
+    "variant", "P", "K", "batch", "median_s", "repeats", "s_per_run_step", "speedup_vs_issue", "speedup_vs_released",
+    "predicted_gflop_per_run_step", "predicted_speedup_vs_issue", "measured_over_predicted", "gflops_per_s",
+    "times_s", "note",
+]  # fmt: skip
+
+
+class ReferenceStep:
+    """The released ProGrad trainer's per-step work, written plainly on the open_clip model (as the tests' reference).
+
+    Args:
+        clip: the frozen CLIP (student and teacher share its weights; the work is the same as two copies).
+        classnames: the K class names.
+        teacher: (K, E) normalised zero-shot text features, used when the teacher's text is not recomputed per step.
+        batch: images per step.
+        teacher_text_per_step: run the teacher's 77-token text forward every step (the issue's count).
+    """
+
+    def __init__(self, clip, classnames, teacher, batch: int, teacher_text_per_step: bool, lam: float = 1.0) -> None:
+        model = self.model = clip.model
+        head = "X " * (N_CTX - len(PREFIX.split())) + PREFIX
+        self.tokens = clip.tokenizer([f"{head} {name}." for name in classnames])
+        self.teacher_tokens = clip.tokenizer([TEMPLATE.format(name) for name in classnames])
+        with torch.no_grad():
+            self.embedded = model.token_embedding(self.tokens)
+        start = self.embedded[0, 1 : 1 + N_CTX].clone()
+        start[: N_CTX - len(PREFIX.split())] = 0.0
+        self.ctx = torch.nn.Parameter(start)
+        self.optimizer = torch.optim.SGD([self.ctx], lr=0.002, momentum=0.9, weight_decay=5e-4)
+        generator = torch.Generator().manual_seed(0)
+        self.images = torch.randn(batch, 3, 224, 224, generator=generator)  # already augmented and normalised
+        self.labels = torch.randint(len(classnames), (batch,), generator=generator)
+        self.teacher = teacher
+        self.teacher_text_per_step = teacher_text_per_step
+        self.lam = lam
+        self.scale = model.logit_scale.exp()
+        self.rows = torch.arange(len(classnames))
+        self.eot = self.tokens.argmax(dim=-1)
+
+    def image_features(self) -> torch.Tensor:
+        with torch.no_grad():
+            return F.normalize(self.model.encode_image(self.images), dim=-1)
+
+    def __call__(self) -> None:
+        model = self.model
+        student_images = self.image_features()  # the student CLIP's frozen image encoder
+        teacher_images = self.image_features()  # the zero-shot teacher CLIP's image encoder
+        x = torch.cat([self.embedded[:, :1], self.ctx.expand(len(self.rows), -1, -1), self.embedded[:, 1 + N_CTX :]], 1)
+        x = model.transformer(x + model.positional_embedding, attn_mask=model.attn_mask)
+        text = model.ln_final(x)[self.rows, self.eot] @ model.text_projection
+        if self.teacher_text_per_step:
+            with torch.no_grad():
+                teacher_text = F.normalize(model.encode_text(self.teacher_tokens), dim=-1)
+        else:
+            teacher_text = self.teacher
+        logits = self.scale * student_images @ F.normalize(text, dim=-1).T
+        loss_ce = F.cross_entropy(logits, self.labels)
+        teacher_probs = (self.scale * teacher_images @ teacher_text.T).softmax(dim=-1)
+        loss_kl = F.kl_div(logits.log_softmax(dim=-1), teacher_probs, reduction="batchmean")
+        (g_d,) = torch.autograd.grad(loss_ce, self.ctx, retain_graph=True)
+        (g_g,) = torch.autograd.grad(loss_kl, self.ctx)
+        dot = (g_d * g_g).sum()
+        grad = g_d - self.lam * dot / (g_g * g_g).sum() * g_g if dot < 0 else g_d
+        self.optimizer.zero_grad()
+        self.ctx.grad = grad
+        self.optimizer.step()
+
+
+def build_engine(clip, classnames, teacher, p: int, features: torch.Tensor, labels: torch.Tensor) -> LockstepEngine:
+    """P ProGrad runs (seeds 1..P) of OxfordPets on cached features, ready to step."""
+    encoder = PromptEncoder(clip, classnames, n_ctx=N_CTX, prompt_prefix=PREFIX)
+    runs = []
+    for seed in range(1, p + 1):
+        config = resolve(RunConfig(method="prograd", dataset="OxfordPets", shots=16, seed=seed))
+        schedule = Schedule(len(labels), config.batch_size, config.epochs, config.lr, config.warmup_lr)
+        generator = torch.Generator().manual_seed(seed)
+        runs.append(RunState(config, torch.arange(len(labels)), labels, schedule, generator, teacher="zs"))
+    contexts = encoder.initial_context("template").expand(p, -1, -1).clone()
+    return LockstepEngine(encoder, features, runs, contexts, {"zs": teacher}, clip.logit_scale)
+
+
+def shared_prefix_tokens(encoder: PromptEncoder) -> int:
+    buckets = encoder._plan(tuple(range(encoder.num_classes)))
+    return encoder.prefix_length + sum(b.length * b.classes.numel() for b in buckets)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--repeats", type=int, default=3, help="timed steps per variant (default 3)")
+    parser.add_argument("--contexts", nargs="+", type=int, default=[1, 4, 15], help="fastprompt's P (default 1 4 15)")
+    parser.add_argument("--batch", type=int, default=32, help="images per step (default 32)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument("--prompts", type=Path, default=DEFAULT_PROMPTS, help="clip_prompts.json with class names")
+    parser.add_argument("--out", type=Path, default=RESULTS / "train_step.csv", help="CSV to append rows to")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    start = time.perf_counter()
+    clip = load_clip("RN50")
+    classnames = load_classnames(args.prompts, "OxfordPets")
+    k = len(classnames)
+    teacher = zero_shot_weights(clip, classnames, TEMPLATE)
+    embed_dim = teacher.shape[1]
+    features = torch.randn(16 * k, 1, embed_dim, generator=torch.Generator().manual_seed(1))
+    labels = torch.arange(16 * k) % k
+
+    variants = {
+        "reference_issue": ReferenceStep(clip, classnames, teacher, args.batch, teacher_text_per_step=True),
+        "reference_released": ReferenceStep(clip, classnames, teacher, args.batch, teacher_text_per_step=False),
+    }
+    image_only = variants["reference_released"].image_features
+    engines = {p: build_engine(clip, classnames, teacher, p, features, labels) for p in sorted(args.contexts)}
+    for p, engine in engines.items():
+        variants[f"fastprompt_P{p}"] = engine.step
+    variants["image_tower_x1"] = image_only  # a component of the reference, for the explanation
+    print(f"Timing {', '.join(variants)} ({args.repeats} rounds after one warm-up step each)...", flush=True)
+    times = interleaved(variants, args.repeats, warmup=1)
+
+    tokens_sp = shared_prefix_tokens(next(iter(engines.values())).encoder)
+    tokens_full = k * 77
+    predicted = {  # GFLOP per run-step
+        "reference_issue": 2 * args.batch * IMAGE_GFLOPS + 4 * tokens_full * TOKEN_GFLOPS,
+        "reference_released": 2 * args.batch * IMAGE_GFLOPS + 3 * tokens_full * TOKEN_GFLOPS,
+        "image_tower_x1": args.batch * IMAGE_GFLOPS,
+    }
+    for p in engines:
+        predicted[f"fastprompt_P{p}"] = 3 * tokens_sp * TOKEN_GFLOPS  # forward + two cotangents, per run
+    per_run = {name: median(values) / (int(name[12:]) if name.startswith("fastprompt_P") else 1)
+               for name, values in times.items()}  # fmt: skip
+    notes = {
+        "reference_issue": "2 image-tower passes + student 37x77 fwd + 2 backward + teacher 37x77 fwd",
+        "reference_released": "as reference_issue, teacher text computed once at init",
+        "image_tower_x1": "component: one RN50 image-tower forward on the batch, no grad",
+    }
+    rows = []
+    for name, values in times.items():
+        p = int(name[12:]) if name.startswith("fastprompt_P") else 1
+        is_step = name != "image_tower_x1"
+        speedup = per_run["reference_issue"] / per_run[name] if is_step else None
+        predicted_speedup = predicted["reference_issue"] / predicted[name] if is_step else None
+        rows.append(
+            {
+                "variant": name,
+                "P": p,
+                "K": k,
+                "batch": args.batch,
+                "median_s": f"{median(values):.4g}",
+                "repeats": len(values),
+                "s_per_run_step": f"{per_run[name]:.4g}",
+                "speedup_vs_issue": f"{speedup:.2f}" if speedup else "",
+                "speedup_vs_released": f"{per_run['reference_released'] / per_run[name]:.2f}" if is_step else "",
+                "predicted_gflop_per_run_step": f"{predicted[name]:.1f}",
+                "predicted_speedup_vs_issue": f"{predicted_speedup:.2f}" if predicted_speedup else "",
+                "measured_over_predicted": f"{speedup / predicted_speedup:.2f}" if speedup else "",
+                "gflops_per_s": f"{predicted[name] / per_run[name]:.1f}",
+                "times_s": " ".join(f"{t:.3g}" for t in values),
+                "note": notes.get(
+                    name, f"LockstepEngine.step, {p} ProGrad run(s), shared prefix {tokens_sp} tokens/run"
+                ),
+            }
+        )
+    columns = ["variant", "P", "median_s", "s_per_run_step", "speedup_vs_issue", "speedup_vs_released",
+               "predicted_speedup_vs_issue", "measured_over_predicted", "gflops_per_s"]  # fmt: skip
+    print()
+    print(format_table(rows, columns))
+    append_rows(args.out, rows, FIELDS)
+    print(f"\n{len(rows)} rows appended to {args.out} in {time.perf_counter() - start:.0f} s.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
