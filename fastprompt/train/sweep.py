@@ -239,7 +239,7 @@ def _close_epoch(run: RunState, encoder, context: torch.Tensor, view: DatasetVie
         "loss": totals.get("loss", 0.0) / steps,
         "train_accuracy": 100.0 * totals.get("correct", 0.0) / max(totals.get("seen", 1.0), 1.0),
     }
-    if run.teacher is not None:
+    if run.config.method in ("prograd", "prograd_ensemble"):  # KD's update gradient is G_d + alpha G_g: no angle
         record["cos_mean"] = totals.get("cos", 0.0) / steps
         record["conflict_fraction"] = totals.get("conflicts", 0.0) / steps
     every = run.config.eval_every
