@@ -100,6 +100,7 @@ def engine_training(clip, features, labels, teacher, method, steps, epochs, lam=
     )
     for _ in range(steps):
         engine.step()
+    assert engine.collect(0), "the run diverged"
     return engine.context(0).clone(), run
 
 

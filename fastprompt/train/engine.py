@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from fastprompt.kernels.prograd_update import UpdateStats, prograd_update
 from fastprompt.train.config import RunConfig, Schedule
 
+SUM_COLUMNS = ("loss", "correct", "seen", "cos", "conflicts")
+
 
 @dataclass
 class RunState:
@@ -141,6 +143,8 @@ class LockstepEngine:
         self.update_fn = update_fn
         self.autocast_dtype = autocast_dtype
         self.segment = math.prod(self.shape)
+        self.sums = torch.zeros(len(runs), len(SUM_COLUMNS), device=self.device)  # per-run sums, read when logging
+        self.diverged = torch.zeros(len(runs), dtype=torch.bool, device=self.device)
 
     # -------------------------------------------------------------------------------------------- bookkeeping
     @property
@@ -170,14 +174,17 @@ class LockstepEngine:
         batches = [self.runs[i].next_batch(self.num_views) for i in active]
         size = max(rows.numel() for rows, _, _ in batches)
         p = len(active)
-        images = torch.zeros(p, size, self.features.shape[-1], device=self.device)
-        labels = torch.zeros(p, size, dtype=torch.long, device=self.device)
-        mask = torch.zeros(p, size, device=self.device)
+        # Padded index tensors are built on the host and moved once; padding rows are masked out of every loss.
+        rows_pad = torch.zeros(p, size, dtype=torch.long)
+        views_pad = torch.zeros(p, size, dtype=torch.long)
+        labels_pad = torch.zeros(p, size, dtype=torch.long)
+        mask = torch.zeros(p, size)
         for slot, (rows, views, run_labels) in enumerate(batches):
             n = rows.numel()
-            images[slot, :n] = self.features[rows.to(self.device), views.to(self.device)]
-            labels[slot, :n] = run_labels.to(self.device)
-            mask[slot, :n] = 1.0
+            rows_pad[slot, :n], views_pad[slot, :n], labels_pad[slot, :n], mask[slot, :n] = rows, views, run_labels, 1.0
+        mask = mask.to(self.device, non_blocking=True)
+        labels = labels_pad.to(self.device, non_blocking=True)
+        images = self.features[rows_pad.to(self.device), views_pad.to(self.device)] * mask[..., None]
         contexts = torch.stack([self.context(i) for i in active])
         needs_teacher = [self.runs[i].teacher is not None for i in active]
         teacher_logits = None
@@ -220,41 +227,37 @@ class LockstepEngine:
         return (grads[0], grads[1] if with_teacher else None), losses
 
     def _update(self, active: list[int], grads, losses: dict[str, torch.Tensor]) -> None:
+        """Projection + SGD for the active runs. No host synchronisation: a run whose loss or gradient is not finite
+        gets a zero step and a flag that the caller reads when it logs (`collect`)."""
         g_d, g_g = grads
-        configs = [self.runs[i].config for i in active]
+        runs = [self.runs[i] for i in active]
+        index = torch.tensor(active, device=self.device)
         finite = torch.isfinite(losses["ce"]) & torch.isfinite(g_d.flatten(1)).all(dim=1)
         if g_g is not None:
             finite &= torch.isfinite(losses["kl"]) & torch.isfinite(g_g.flatten(1)).all(dim=1)
-            alpha = torch.tensor([c.alpha if c.method == "kd" else 0.0 for c in configs], device=self.device)
+            alpha = torch.tensor([r.config.alpha if r.config.method == "kd" else 0.0 for r in runs], device=self.device)
             g_d = g_d + alpha[:, None, None] * g_g  # KD: one gradient of L_ce + alpha * L_kl (linearity), no projection
-        finite = finite.tolist()
-        for slot, ok in enumerate(finite):
-            if not ok:
-                run = self.runs[active[slot]]
-                run.status, run.reason = "failed", f"loss or gradient became NaN/inf at step {run.step} (diverged)"
-        keep = [slot for slot, ok in enumerate(finite) if ok]
-        if not keep:
-            return
-        # The flat buffers of the active runs (contiguous segments) are gathered, updated in place, scattered back.
-        index = torch.tensor([active[slot] for slot in keep], device=self.device)
+            g_g = torch.where(finite[:, None, None], g_g, 0.0)
+        g_d = torch.where(finite[:, None, None], g_d, 0.0)
+        self.diverged[index] |= ~finite
+        # The active runs' segments are gathered into contiguous buffers, updated in place, scattered back.
         pieces = (index[:, None] * self.segment + torch.arange(self.segment, device=self.device)).reshape(-1)
         params, momentum_buf = self.params[pieces], self.momentum_buf[pieces]
-        runs = [self.runs[active[slot]] for slot in keep]
         lam = [r.config.lam if r.config.method in ("prograd", "prograd_ensemble") else 0.0 for r in runs]
         lr = [r.schedule.lr_at(r.epoch) for r in runs]
 
-        def per_run(values, dtype=torch.float32):
-            return torch.tensor(values, dtype=dtype, device=self.device)
+        def per_run(values):
+            return torch.tensor(values, dtype=torch.float32).to(self.device, non_blocking=True)
 
-        offsets = torch.arange(len(keep) + 1, dtype=torch.long, device=self.device) * self.segment
+        offsets = torch.arange(len(active) + 1, dtype=torch.long, device=self.device) * self.segment
         stats = update_step(
             params,
             momentum_buf,
-            g_d[keep].reshape(-1).contiguous(),
-            g_g[keep].reshape(-1).contiguous() if g_g is not None else None,
+            g_d.reshape(-1).contiguous(),
+            g_g.reshape(-1).contiguous() if g_g is not None else None,
             offsets,
             per_run(lam),
-            per_run(lr),
+            torch.where(finite, per_run(lr), 0.0),
             per_run([r.config.momentum for r in runs]),
             per_run([r.config.weight_decay for r in runs]),
             self.first_step[index],
@@ -262,17 +265,28 @@ class LockstepEngine:
         )
         self.params[pieces], self.momentum_buf[pieces] = params, momentum_buf
         self.first_step[index] = False
-        for position, (slot, run) in enumerate(zip(keep, runs, strict=True)):
-            totals = run.totals
-            totals["loss"] = totals.get("loss", 0.0) + float(losses["ce"][slot])
-            totals["correct"] = totals.get("correct", 0.0) + float(losses["correct"][slot])
-            totals["seen"] = totals.get("seen", 0.0) + float(losses["seen"][slot])
-            totals["steps"] = totals.get("steps", 0.0) + 1
-            if g_g is not None:
-                totals["cos"] = totals.get("cos", 0.0) + float(stats.cos[position])
-                totals["conflicts"] = totals.get("conflicts", 0.0) + float(stats.conflict[position])
-            totals["lr"] = lr[position]
+        zeros = torch.zeros_like(losses["ce"])
+        cos = stats.cos.float() if g_g is not None else zeros
+        conflicts = stats.conflict.float() if g_g is not None else zeros
+        columns = [losses["ce"], losses["correct"], losses["seen"], cos, conflicts]
+        self.sums.index_add_(0, index, torch.stack([torch.where(finite, c, 0.0) for c in columns], dim=1))
+        for run, rate in zip(runs, lr, strict=True):
+            run.totals["steps"] = run.totals.get("steps", 0.0) + 1
+            run.totals["lr"] = rate
             run.step += 1
+
+    def collect(self, index: int) -> bool:
+        """Move run `index`'s device-side sums into its `totals` (a host synchronisation: call when logging or
+        checkpointing) and mark it failed if it diverged. Returns whether it is still healthy."""
+        sums = self.sums[index].tolist()
+        self.sums[index] = 0.0
+        run = self.runs[index]
+        for key, value in zip(SUM_COLUMNS, sums, strict=True):
+            run.totals[key] = run.totals.get(key, 0.0) + value
+        if bool(self.diverged[index]) and run.status == "running":
+            run.status = "failed"
+            run.reason = f"loss or gradient became NaN/inf by step {run.step} (epoch {run.epoch}): diverged"
+        return run.status != "failed"
 
     def _autocast(self):
         if self.autocast_dtype is None or self.device.type != "cuda":

@@ -205,7 +205,7 @@ def _train_group(configs, view, clip, prefix, prograd_tpl, writer, options, prog
         steps += 1
         for index in stepped:
             run = engine.runs[index]
-            if run.status == "running" and run.step % run.schedule.iterations == 0:
+            if run.step % run.schedule.iterations == 0 and engine.collect(index):
                 _close_epoch(run, encoder, engine.context(index), view)
         for index, run in enumerate(engine.runs):
             if (run.done or run.status == "failed") and not writer.finished(run.config.run_id):
@@ -276,7 +276,7 @@ def _finish(run, context, encoder, new_encoder, view, writer, keys, started, cac
 
 def _checkpoint(engine: LockstepEngine, writer: ResultWriter) -> None:
     for index, run in enumerate(engine.runs):
-        if run.status == "running" and not run.done:
+        if run.status == "running" and not run.done and engine.collect(index):
             writer.save_checkpoint(
                 run.config.run_id,
                 {
