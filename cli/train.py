@@ -25,6 +25,9 @@ Examples:
   fastprompt train --cache caches/imagenet --out sweeps/b2n --setting base2new --shots 4 --class-chunk 250
 
   fastprompt train --cache caches/pets --out sweeps/file --sweep sweep.toml --dry-run
+
+  fastprompt train --cache caches/imagenet --out sweeps/dg --methods zeroshot,coop,prograd --shots 4 \
+      --eval-caches caches/imagenetv2,caches/imagenet_sketch,caches/imagenet_a,caches/imagenet_r
 """
 
 
@@ -61,6 +64,9 @@ def train_command(
     device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
     class_chunk: Annotated[int | None, typer.Option(help="Classes per encoder chunk (bounds memory).")] = None,
     checkpoint_minutes: Annotated[float, typer.Option(help="Checkpoint running runs this often.")] = 10.0,
+    eval_caches: Annotated[
+        str | None, typer.Option(help="Comma-separated target caches to evaluate every trained context on.")
+    ] = None,
     dry_run: Annotated[bool, typer.Option(help="Print the resolved runs and stop.")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
@@ -98,8 +104,9 @@ def train_command(
     if dry_run:
         return
     clip = load_cache_clip(features, device=device)
+    targets = [FeatureCache(Path(path), device=device) for path in _list(eval_caches) or []]
     options = SweepOptions(device=device, class_chunk=class_chunk, checkpoint_minutes=checkpoint_minutes,
-                           progress=progress)  # fmt: skip
+                           progress=progress, targets=targets)  # fmt: skip
     records = run_sweep(features, clip, configs, out, options)
     wanted = {c.run_id for c in configs}
     typer.echo("")

@@ -273,3 +273,23 @@ def test_sigkill_and_restart_equals_uninterrupted(cli_cache, tmp_path):
     for run_id, ctx in _contexts(out, second).items():
         assert_close(ctx, expected[run_id], what=f"resumed {run_id}")
     assert {r["run_id"]: r["accuracy"] for r in first} == {r["run_id"]: r["accuracy"] for r in second}
+
+
+def test_transfer_targets_score_the_trained_context(tiny, tmp_path):
+    source = FakeCache(seed=4)
+    same = FakeCache(seed=4)
+    same.dataset = "PetsCopy"  # the same test split under another name: transfer accuracy = in-domain accuracy
+    shuffled = FakeCache(seed=4)
+    shuffled.dataset = "PetsShuffled"  # class order permuted, labels permuted with it: the same accuracy again
+    order = [3, 0, 4, 1, 2]
+    shuffled.classnames = [NAMES[i] for i in order]
+    test = shuffled.split("test")
+    test.labels = torch.tensor([order.index(int(label)) for label in test.labels])
+    for target in (same, shuffled):  # the zero-shot row uses each target's own template: give them the source's
+        target.manifest = {**target.manifest, "templates": {"coop": "a photo of a {}, a type of pet."}}
+    configs = expand_sweep({"method": ["zeroshot", "coop", "prograd"], "seed": [1]},
+                           {"dataset": "OxfordPets", "epochs": 2, "shots": 2})  # fmt: skip
+    records = run_sweep(source, tiny, configs, tmp_path, SweepOptions(progress=False, targets=[same, shuffled]))
+    for record in records:
+        assert record["targets"]["PetsCopy"] == pytest.approx(record["accuracy"])
+        assert record["targets"]["PetsShuffled"] == pytest.approx(record["accuracy"])

@@ -57,6 +57,8 @@ def run_record(result: dict) -> dict:
         record[key] = config.get(key)
     for key in SUMMARY_KEYS:
         record[key] = (result.get("metrics") or {}).get(key)
+    if (result.get("metrics") or {}).get("targets"):
+        record["targets"] = result["metrics"]["targets"]
     return record
 
 

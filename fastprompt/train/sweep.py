@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -22,6 +22,7 @@ from fastprompt.templates import ensemble_templates, template_prefix
 from fastprompt.train.config import RunConfig, Schedule
 from fastprompt.train.engine import LockstepEngine, RunState
 from fastprompt.train.results import ResultWriter, run_record
+from fastprompt.train.transfer import TransferTargets
 from fastprompt.zeroshot import accuracy, zero_shot_weights
 
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -38,6 +39,7 @@ class SweepOptions:
     max_group: int = 64  # runs trained together at most (memory)
     update_fn: Callable = prograd_update
     stop_after_steps: int | None = None  # testing aid: return after this many engine steps (simulates a kill)
+    targets: list = field(default_factory=list)  # FeatureCaches to evaluate every trained context on (transfer)
 
 
 class DatasetView:
@@ -115,10 +117,14 @@ def run_sweep(cache, clip, configs: list[RunConfig], out_dir: Path, options: Swe
         if config.dataset != cache.dataset:
             raise FastPromptError(f"Run {config.run_id} is for {config.dataset} but the cache holds {cache.dataset}.")
     pending = [c for c in configs if not writer.finished(c.run_id)]
+    targets = TransferTargets(options.targets, cache, clip)
     views = {setting: DatasetView(cache, clip, setting) for setting in {c.setting for c in pending}}
     prograd_tpl, coop_tpl = _templates(cache)
     for config in [c for c in pending if not c.uses_prompt]:
-        writer.write(config, cache, *_baseline(config, views[config.setting], clip, prograd_tpl, coop_tpl))
+        metrics, *rest = _baseline(config, views[config.setting], clip, prograd_tpl, coop_tpl)
+        if targets and config.method in ("zeroshot", "zeroshot_ensemble"):
+            metrics["targets"] = targets.zero_shot_accuracies(config.method == "zeroshot_ensemble")
+        writer.write(config, cache, metrics, *rest)
     groups: dict[tuple, list[RunConfig]] = defaultdict(list)
     for config in [c for c in pending if c.uses_prompt]:
         prefix = template_prefix(prograd_tpl) if config.init == "template" else None
@@ -129,7 +135,9 @@ def run_sweep(cache, clip, configs: list[RunConfig], out_dir: Path, options: Swe
     for (setting, prefix, *_), members in groups.items():
         for start in range(0, len(members), options.max_group):
             chunk = members[start : start + options.max_group]
-            done = _train_group(chunk, views[setting], clip, prefix, prograd_tpl, writer, options, progress, cache)
+            done = _train_group(
+                chunk, views[setting], clip, prefix, prograd_tpl, writer, options, progress, cache, targets
+            )
             if not done:
                 progress.close()
                 return writer.records()
@@ -148,7 +156,7 @@ def _progress(total: int, enabled: bool):
     return tqdm(total=total, disable=not enabled, unit="step", desc="training", dynamic_ncols=True)
 
 
-def _train_group(configs, view, clip, prefix, prograd_tpl, writer, options, progress, cache) -> bool:
+def _train_group(configs, view, clip, prefix, prograd_tpl, writer, options, progress, cache, targets) -> bool:
     from fastprompt.encoder import PromptEncoder
 
     first = configs[0]
@@ -197,7 +205,7 @@ def _train_group(configs, view, clip, prefix, prograd_tpl, writer, options, prog
             run.load_state_dict(state["run"])
             engine.set_state(index, state["context"], state["momentum"], state["first_step"])
             progress.update(run.step)
-    last_checkpoint, steps = time.monotonic(), 0
+    last_checkpoint, steps, finished = time.monotonic(), 0, 0
     started = time.monotonic()
     while True:
         stepped = engine.step()
@@ -209,7 +217,9 @@ def _train_group(configs, view, clip, prefix, prograd_tpl, writer, options, prog
                 _close_epoch(run, encoder, engine.context(index), view)
         for index, run in enumerate(engine.runs):
             if (run.done or run.status == "failed") and not writer.finished(run.config.run_id):
-                _finish(run, engine.context(index), encoder, new_encoder, view, writer, keys, started, cache)
+                _finish(run, engine.context(index), encoder, new_encoder, view, writer, keys, started, cache, targets)
+                finished += 1
+                progress.set_postfix_str(f"runs {finished}/{len(configs)} done")
         if not engine.active:
             return True
         if options.stop_after_steps is not None and steps >= options.stop_after_steps:
@@ -249,7 +259,7 @@ def _close_epoch(run: RunState, encoder, context: torch.Tensor, view: DatasetVie
     run.totals = {}
 
 
-def _finish(run, context, encoder, new_encoder, view, writer, keys, started, cache) -> None:
+def _finish(run, context, encoder, new_encoder, view, writer, keys, started, cache, targets) -> None:
     metrics: dict = {}
     if run.status != "failed":
         base_acc, per_class = _evaluate(encoder, context, view.test_base)
@@ -258,6 +268,9 @@ def _finish(run, context, encoder, new_encoder, view, writer, keys, started, cac
             new_acc, _ = _evaluate(new_encoder, context, view.test_new)
             harmonic = 2 * base_acc * new_acc / (base_acc + new_acc) if base_acc + new_acc > 0 else 0.0
             metrics.update(base_accuracy=base_acc, new_accuracy=new_acc, harmonic_mean=harmonic)
+        if targets and not run.config.class_specific:
+            prefix = encoder.prompt_prefix
+            metrics["targets"] = targets.prompt_accuracies(context, run.config.n_ctx, run.config.position, prefix)
     timings = {"train_seconds": time.monotonic() - started, "steps": run.step}
     train_keys, val_keys = keys[run.config.run_id]
     writer.write(
