@@ -362,6 +362,36 @@ def _base2new_sections(builder: _Builder, records: list[dict]) -> None:
             builder.base2new_table(f"Base-to-new: Average over datasets ({len(datasets)})", "Average", average)
 
 
+def _transfer_sections(builder: _Builder, records: list[dict]) -> None:
+    """Domain generalisation / cross-dataset tables: the source accuracy and each target's, per method and shots."""
+    by_source: dict[str, list[dict]] = defaultdict(list)
+    for record in records:
+        by_source[record["dataset"]].append(record)
+    for source, group in sorted(by_source.items()):
+        targets = sorted({t for r in group for t in r["targets"]})
+        rows_by: dict[tuple[Variant, int], list[dict]] = defaultdict(list)
+        for record in group:
+            rows_by[(_variant(record), record["shots"])].append(record)
+        rows = []
+        for (variant, shots), members in sorted(rows_by.items()):
+            row = [variant.label, str(shots)]
+            columns = [("accuracy", source)] + [(t, t) for t in targets]
+            for key, name in columns:
+                values = [
+                    (r["accuracy"] if key == "accuracy" else r["targets"].get(key)) for r in members
+                ]  # one value per seed
+                values = [v for v in values if _finite(v)]
+                if values:
+                    cell = Cell(values)
+                    row.append(cell.text())
+                    builder.add_csv("transfer", name, variant.label, shots, f"accuracy from {source}", cell)
+                else:
+                    row.append("–")
+            rows.append(row)
+        header = ["Method", "Shots", f"{source} (source)", *targets]
+        builder.sections.append(f"## Transfer from {source}\n\n" + _markdown_table(header, rows))
+
+
 # ---------------------------------------------------------------------------------------------------- plots
 
 
@@ -508,6 +538,9 @@ def build_report(sweep_dir, out_dir=None, plots: bool = True) -> ReportResult:
         _fewshot_sections(builder, fewshot)
     if base2new:
         _base2new_sections(builder, base2new)
+    transfer = [r for r in done if r.get("targets")]
+    if transfer:
+        _transfer_sections(builder, transfer)
     header = f"# Report: {sweep_dir.resolve().name}\n\n{len(done)} finished run(s)"
     header += f", {len(failed)} failed (see their result.json for the reason)." if failed else "."
     header += " Cells: mean ± population std over seeds (n = seeds when fewer than 3); accuracies in %."

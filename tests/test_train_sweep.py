@@ -293,3 +293,10 @@ def test_transfer_targets_score_the_trained_context(tiny, tmp_path):
     for record in records:
         assert record["targets"]["PetsCopy"] == pytest.approx(record["accuracy"])
         assert record["targets"]["PetsShuffled"] == pytest.approx(record["accuracy"])
+    from fastprompt.report import build_report
+
+    markdown = build_report(tmp_path, plots=False).markdown
+    table = markdown[markdown.index("## Transfer from OxfordPets") :]
+    assert "| Method | Shots | OxfordPets (source) | PetsCopy | PetsShuffled |" in table
+    coop = next(r for r in records if r["method"] == "coop")
+    assert f"| CoOp | 2 | {coop['accuracy']:.2f} ± 0.00 (n=1) | {coop['accuracy']:.2f} ± 0.00 (n=1) |" in table
