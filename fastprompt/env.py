@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import platform
 import subprocess
 from importlib import metadata
@@ -36,7 +37,12 @@ def device_names() -> list[str]:
 
 
 def environment() -> dict[str, str]:
-    """Versions of the stack and the devices seen, as strings."""
+    """Versions of the stack and the devices seen, as strings (read once per process: every run records it)."""
+    return dict(_environment())
+
+
+@functools.lru_cache(maxsize=1)
+def _environment() -> dict[str, str]:
     import fastprompt
 
     return {
