@@ -110,6 +110,10 @@ def get_dataset_spec(name: str) -> DatasetSpec:
     """
     if name in _REGISTRY:
         return _REGISTRY[name]
+    import fastprompt.testbed  # noqa: F401  (registers the offline testbed's tasks)
+
+    if name in _REGISTRY:
+        return _REGISTRY[name]
     close = difflib.get_close_matches(name, list(_REGISTRY), n=1, cutoff=0.6)
     hint = f"Did you mean {close[0]}? " if close else ""
     raise FastPromptError(f"Unknown dataset '{name}'. {hint}Supported: {', '.join(supported_datasets())}.")
