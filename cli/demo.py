@@ -35,6 +35,7 @@ def demo_command(
     ] = False,
     plots: Annotated[bool, typer.Option(help="Draw the PNG figures.")] = True,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    threads: Annotated[int, typer.Option(help="CPU threads (the tiny model runs fastest on one).")] = 1,
 ) -> None:
     from fastprompt.cli.train import _list
 
@@ -48,7 +49,7 @@ def demo_command(
         options.seeds = tuple(int(s) for s in _list(seeds))
     if epochs is not None:
         options.epochs = epochs
-    options.plots, options.progress = plots, progress
+    options.plots, options.progress, options.threads = plots, progress, threads
     result = run_demo(options, echo=typer.echo)
     typer.echo("")
     typer.echo(result.markdown)

@@ -35,22 +35,25 @@ class DemoOptions:
     shots: tuple[int, ...] = (1, 2, 4, 8, 16)
     seeds: tuple[int, ...] = (1, 2, 3)
     epochs: int | None = None  # None: PROTOCOL.md's 50 / 100 / 200 by shots
+    eval_every: int = 10  # test accuracy every 10 epochs, for the accuracy-vs-epoch figure
     views: int = 4
     per_class: dict[str, int] | None = None  # testbed images per class per split (None: the testbed's defaults)
     checkpoint: Path | None = None  # None: the shipped testbed checkpoint
     progress: bool = True
     plots: bool = True
+    threads: int | None = 1  # CPU threads: the tiny model's ops are too small to share between threads
 
     @classmethod
     def quick(cls, out: Path, **overrides) -> DemoOptions:
         """A reduced demo (two shot counts, two seeds, few epochs, small splits): seconds, not minutes."""
-        settings = dict(shots=(1, 2), seeds=(1, 2), epochs=4, views=2,
+        settings = dict(shots=(1, 2), seeds=(1, 2), epochs=4, views=2, eval_every=2,
                         per_class={"train": 4, "val": 2, "test": 12})  # fmt: skip
         return cls(out=Path(out), **{**settings, **overrides})
 
     def key(self, task: str) -> str:
         """A short hash of everything that decides a task's cache and sweep."""
-        data = {k: v for k, v in asdict(self).items() if k not in ("out", "progress", "plots", "tasks", "methods")}
+        skip = ("out", "progress", "plots", "tasks", "methods", "threads")
+        data = {k: v for k, v in asdict(self).items() if k not in skip}
         data["task"] = task
         return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
@@ -69,6 +72,18 @@ def run_demo(options: DemoOptions, echo: Callable[[str], None] = print) -> DemoR
     Raises:
         FastPromptError: an unknown task, or a testbed checkpoint that cannot be loaded.
     """
+    import torch
+
+    previous_threads = torch.get_num_threads()
+    if options.threads:
+        torch.set_num_threads(options.threads)
+    try:
+        return _run_demo(options, echo)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _run_demo(options: DemoOptions, echo: Callable[[str], None]) -> DemoResult:
     from fastprompt.cache.extract import build_cache
     from fastprompt.cache.loader import FeatureCache
     from fastprompt.cache.plan import CacheOptions
@@ -95,7 +110,8 @@ def run_demo(options: DemoOptions, echo: Callable[[str], None] = print) -> DemoR
         build_cache(dataset, clip, cache_dir, cache_options, num_workers=0, progress=options.progress)
         cache = FeatureCache(cache_dir)
         axes = {"method": list(options.methods), "shots": list(options.shots), "seed": list(options.seeds)}
-        configs = expand_sweep(axes, {"dataset": cache.dataset, "epochs": options.epochs})
+        fixed = {"dataset": cache.dataset, "epochs": options.epochs, "eval_every": options.eval_every}
+        configs = expand_sweep(axes, fixed)
         echo(f"{task}: {len(configs)} runs ({TESTBED_DATASETS[task].description})")
         records = run_sweep(cache, clip, configs, sweep_dir, SweepOptions(progress=options.progress))
         scores = [r["accuracy"] for r in records if r["method"] == "zeroshot" and r["dataset"] == task]

@@ -84,7 +84,7 @@ def draw_plots(sweep_dir: Path, out_dir: Path, records: list[dict]) -> list[Path
             ax.set_xlim(shots[0] / 1.3, shots[-1] * 1.3)
         ax.set_xlabel("Labelled training examples per class (shots)")
         ax.set_ylabel("Test accuracy (%)")
-        ax.set_title(f"{dataset}: accuracy vs shots (mean ± std over seeds)")
+        ax.set_title(f"{dataset}: accuracy vs shots\n(mean ± std over seeds)", fontsize=11)
         ax.grid(True, alpha=0.3)
         ax.margins(y=0.1)
         ax.legend(fontsize=8, loc="best")
@@ -101,7 +101,7 @@ def draw_plots(sweep_dir: Path, out_dir: Path, records: list[dict]) -> list[Path
             ax.set_xlabel("Epoch")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_ylabel("Test accuracy (%)")
-            ax.set_title(f"{dataset}: test accuracy vs epoch ({top} shots, mean over seeds)")
+            ax.set_title(f"{dataset}: test accuracy vs epoch\n({top} shots, mean over seeds)", fontsize=11)
             ax.grid(True, alpha=0.3)
             ax.legend(fontsize=8)
             save(fig, f"accuracy_vs_epoch_{_filename(dataset)}.png")
@@ -122,7 +122,9 @@ def draw_plots(sweep_dir: Path, out_dir: Path, records: list[dict]) -> list[Path
                     lower.plot(list(conflict), list(conflict.values()), marker=".", label=variant.label)
             upper.axhline(90, linestyle=":", color="grey", linewidth=1)
             upper.set_ylabel(r"Angle $G_d$ vs $G_g$ (°)")
-            upper.set_title(f"{dataset}: gradient angle vs epoch ({top} shots, mean over seeds)")
+            upper.set_title(
+                f"{dataset}: angle between G_d and G_g vs epoch\n({top} shots, mean over seeds)", fontsize=11
+            )
             upper.grid(True, alpha=0.3)
             upper.legend(fontsize=8)
             lower.set_ylabel("Conflicting steps\n(fraction)")

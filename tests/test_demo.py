@@ -23,7 +23,8 @@ def test_demo_runs_end_to_end_and_reuses_its_work(tmp_path):
     assert "## Few-shot: TestbedShapesShift" in result.markdown and "| ProGrad |" in result.markdown
     assert any("Zero-shot accuracy of the testbed model on TestbedShapesShift" in line for line in lines)
     assert 0.0 <= result.zero_shot["TestbedShapesShift"] <= 100.0
-    assert {p.name for p in result.plot_paths} >= {"accuracy_vs_shots_TestbedShapesShift.png"}
+    names = {p.name for p in result.plot_paths}
+    assert names >= {"accuracy_vs_shots_TestbedShapesShift.png", "accuracy_vs_epoch_TestbedShapesShift.png"}
     again = run_demo(options, echo=lambda line: None)  # warm: data, cache and runs are reused
     assert again.markdown == result.markdown
 
