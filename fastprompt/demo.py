@@ -50,11 +50,13 @@ class DemoOptions:
                         per_class={"train": 4, "val": 2, "test": 12})  # fmt: skip
         return cls(out=Path(out), **{**settings, **overrides})
 
-    def key(self, task: str) -> str:
-        """A short hash of everything that decides a task's cache and sweep."""
+    def key(self, task: str, weights: str = "") -> str:
+        """A short hash of everything that decides a task's cache and sweep (`weights`: the checkpoint's digest, so
+        that a new shipped checkpoint gets new caches instead of a refusal to mix)."""
         skip = ("out", "progress", "plots", "tasks", "methods", "threads")
         data = {k: v for k, v in asdict(self).items() if k not in skip}
         data["task"] = task
+        data["weights"] = weights
         return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
@@ -100,11 +102,13 @@ def _run_demo(options: DemoOptions, echo: Callable[[str], None]) -> DemoResult:
     out = Path(options.out)
     clip = load_testbed_clip(options.checkpoint)
     echo(f"Testbed model: {clip.name} from {clip.pretrained}")
+    weights = hashlib.sha256(Path(clip.pretrained).read_bytes()).hexdigest()
     build_testbed(out / "data", tasks, options.per_class)
-    sweep_dir = out / "sweeps" / hashlib.sha256("|".join(options.key(t) for t in tasks).encode()).hexdigest()[:8]
+    keys = {task: options.key(task, weights) for task in tasks}
+    sweep_dir = out / "sweeps" / hashlib.sha256("|".join(keys.values()).encode()).hexdigest()[:8]
     zero_shot = {}
     for task in tasks:
-        cache_dir = out / "caches" / f"{TESTBED_DATASETS[task].dataset_dir}-{options.key(task)}"
+        cache_dir = out / "caches" / f"{TESTBED_DATASETS[task].dataset_dir}-{keys[task]}"
         cache_options = CacheOptions(shots=options.shots, seeds=options.seeds, views=options.views, dtype="fp32")
         dataset = load_dataset(task, out / "data")
         build_cache(dataset, clip, cache_dir, cache_options, num_workers=0, progress=options.progress)
