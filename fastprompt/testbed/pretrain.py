@@ -55,7 +55,7 @@ class PretrainConfig:
 
     model: str = TESTBED_MODEL
     seed: int = 0
-    steps: int = 8000
+    steps: int = 16000
     batch_size: int = 128
     pool_size: int = 10000
     lr: float = 3e-3
