@@ -16,23 +16,24 @@ All three are differentiable in the context; the model's weights are frozen, so 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fastprompt.errors import FastPromptError
 from fastprompt.prompt import POSITIONS, PromptLayout, build_layout, clean_classname, random_context, template_context
 from fastprompt.text_tower import (
     TextTower,
-    attention_output,
     causal_attention,
     causal_block,
     causal_mask,
     merge_heads,
     mlp_residual,
-    qkv,
+    split_heads,
 )
 
 
@@ -234,14 +235,23 @@ class PromptEncoder:
                 fixed = torch.nn.functional.pad(fixed, (0, 0, 0, ls - fixed.shape[1]))
             positions = positional[lp : lp + ls].to(dtype)
             suffixes.append((fixed + positions).unsqueeze(0).expand(p, -1, -1, -1))
-        blocks = self.tower.blocks
-        for depth, block in enumerate(blocks):
-            normed = block.ln_1(prefix)
-            query_p, key_p, value_p = qkv(block, normed)  # (P, H, Lp, d)
-            suffixes = [_suffix_block(block, states, key_p, value_p) for states in suffixes]
-            if depth < len(blocks) - 1:  # the last layer's prefix outputs are never read
-                prefix = prefix + block.ls_1(attention_output(block, causal_attention(query_p, key_p, value_p)))
-                prefix = mlp_residual(block, prefix)
+        # Position-wise work (layer norms, projections, MLP) runs on all rows at once, prefix and every bucket's
+        # suffixes concatenated: a few large matrix products instead of many small ones. Only attention is split.
+        shapes = [prefix.shape[:-1]] + [s.shape[:-1] for s in suffixes]
+        sizes = [math.prod(shape) for shape in shapes]
+        states = torch.cat([prefix.reshape(-1, self.width)] + [s.reshape(-1, self.width) for s in suffixes])
+        for block in self.tower.blocks:
+            parts = qkv_rows(block, block.ln_1(states)).split(sizes)
+            query_p, key_p, value_p = (split_heads(t, block.attn.num_heads) for t in
+                                       parts[0].view(*shapes[0], -1).chunk(3, dim=-1))  # fmt: skip
+            contexts = [merge_heads(causal_attention(query_p, key_p, value_p)).reshape(sizes[0], -1)]
+            for shape, size, part in zip(shapes[1:], sizes[1:], parts[1:], strict=True):
+                query, key, value = (split_heads(t, block.attn.num_heads) for t in
+                                     part.view(*shape, -1).chunk(3, dim=-1))  # fmt: skip
+                contexts.append(merge_heads(_suffix_attention(query, key, value, key_p, value_p)).reshape(size, -1))
+            attended = F.linear(torch.cat(contexts), block.attn.out_proj.weight, block.attn.out_proj.bias)
+            states = mlp_residual(block, states + block.ls_1(attended))
+        suffixes = [part.view(*shape, -1) for shape, part in zip(shapes[1:], states.split(sizes)[1:], strict=True)]
         pooled = []
         for bucket, states in zip(buckets, suffixes, strict=True):
             rows = torch.arange(states.shape[1], device=self.device)
@@ -324,25 +334,26 @@ def _rank(order: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
     return lookup[classes]
 
 
-def _suffix_block(block: nn.Module, states: torch.Tensor, key_p: torch.Tensor, value_p: torch.Tensor) -> torch.Tensor:
-    """One block for suffix states (P, Kb, Ls, W) attending to prefix keys/values (P, H, Lp, d) and causally to
-    themselves. The softmax runs over [prefix, suffix] jointly, exactly as the full causal attention does."""
-    query, key, value = qkv(block, block.ln_1(states))  # (P, Kb, H, Ls, d)
+def qkv_rows(block: nn.Module, normed: torch.Tensor) -> torch.Tensor:
+    """The fused query/key/value projection (T, 3W) of normed rows (T, W)."""
+    return F.linear(normed, block.attn.in_proj_weight, block.attn.in_proj_bias)
+
+
+def _suffix_attention(query, key, value, key_p, value_p) -> torch.Tensor:
+    """Attention of suffix queries (P, Kb, H, Ls, d) over the shared prefix's keys/values (P, H, Lp, d) and causally
+    over their own suffix. The softmax runs over [prefix, suffix] jointly, exactly as the full causal attention does."""
     p, kb, heads, ls, dim = query.shape
     lp = key_p.shape[-2]
-    scale = dim**-0.5
-    query = query * scale
+    query = query * dim**-0.5
     # Scores against the shared prefix: one matmul per (P, H) over all Kb*Ls suffix queries.
     flat_query = query.permute(0, 2, 1, 3, 4).reshape(p, heads, kb * ls, dim)
     scores_prefix = (flat_query @ key_p.transpose(-1, -2)).reshape(p, heads, kb, ls, lp).permute(0, 2, 1, 3, 4)
-    scores_self = (query @ key.transpose(-1, -2)).masked_fill(~causal_mask(ls, states.device), float("-inf"))
+    scores_self = (query @ key.transpose(-1, -2)).masked_fill(~causal_mask(ls, query.device), float("-inf"))
     weights = torch.cat([scores_prefix, scores_self], dim=-1).softmax(dim=-1).to(value.dtype)
     weights_prefix, weights_self = weights[..., :lp], weights[..., lp:]
     flat_weights = weights_prefix.permute(0, 2, 1, 3, 4).reshape(p, heads, kb * ls, lp)
     from_prefix = (flat_weights @ value_p).reshape(p, heads, kb, ls, dim).permute(0, 2, 1, 3, 4)
-    context = from_prefix + weights_self @ value
-    states = states + block.ls_1(attention_output(block, context))
-    return mlp_residual(block, states)
+    return from_prefix + weights_self @ value
 
 
 __all__ = ["POSITIONS", "Bucket", "PromptEncoder", "merge_heads", "plan_buckets"]
