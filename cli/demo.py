@@ -37,16 +37,16 @@ def demo_command(
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
     threads: Annotated[int, typer.Option(help="CPU threads (the tiny model runs fastest on one).")] = 1,
 ) -> None:
-    from fastprompt.cli.train import _list
+    from fastprompt.cli.cache import _integers
 
     from fastprompt.demo import DemoOptions, default_home, run_demo
 
     folder = out or default_home()
     options = DemoOptions.quick(folder) if quick else DemoOptions(out=folder)
     if shots:
-        options.shots = tuple(int(s) for s in _list(shots))
+        options.shots = _integers(shots, "--shots")
     if seeds:
-        options.seeds = tuple(int(s) for s in _list(seeds))
+        options.seeds = _integers(seeds, "--seeds")
     if epochs is not None:
         options.epochs = epochs
     options.plots, options.progress, options.threads = plots, progress, threads

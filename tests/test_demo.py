@@ -40,3 +40,9 @@ def test_demo_command_help_and_quick_run(tmp_path):
     assert result.exit_code == 0, result.output
     assert "Zero-shot accuracy of the testbed model on TestbedShapes (test split)" in result.output
     assert "## Few-shot: Average over datasets (2)" in result.output
+
+
+def test_demo_bad_shots_is_one_sentence(tmp_path):
+    result = CliRunner().invoke(load_commands(), ["demo", "--out", str(tmp_path), "--shots", "1,x"])
+    assert result.exit_code == 2 and "--shots takes comma-separated integers" in result.output
+    assert "Traceback" not in result.output
