@@ -22,7 +22,6 @@ from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from fastprompt.errors import FastPromptError
 from fastprompt.prompt import POSITIONS, PromptLayout, build_layout, clean_classname, random_context, template_context
@@ -33,6 +32,7 @@ from fastprompt.text_tower import (
     causal_mask,
     merge_heads,
     mlp_residual,
+    qkv_rows,
     split_heads,
 )
 
@@ -332,11 +332,6 @@ def _rank(order: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
     lookup = torch.empty(int(order.max()) + 1, dtype=torch.long, device=order.device)
     lookup[order] = torch.arange(order.numel(), device=order.device)
     return lookup[classes]
-
-
-def qkv_rows(block: nn.Module, normed: torch.Tensor) -> torch.Tensor:
-    """The fused query/key/value projection (T, 3W) of normed rows (T, W)."""
-    return F.linear(normed, block.attn.in_proj_weight, block.attn.in_proj_bias)
 
 
 def _suffix_attention(query, key, value, key_p, value_p) -> torch.Tensor:

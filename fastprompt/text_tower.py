@@ -135,12 +135,15 @@ def merge_heads(states: torch.Tensor) -> torch.Tensor:
     return states.transpose(-2, -3).reshape(*lead, length, heads * dim)
 
 
+def qkv_rows(block: nn.Module, normed: torch.Tensor) -> torch.Tensor:
+    """The fused query/key/value projection (..., 3W) of normed states (..., W)."""
+    return F.linear(normed, block.attn.in_proj_weight, block.attn.in_proj_bias)
+
+
 def qkv(block: nn.Module, normed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Queries, keys and values (..., heads, L, d) of a standard block's attention for normed states (..., L, W)."""
-    attn = block.attn
-    projected = F.linear(normed, attn.in_proj_weight, attn.in_proj_bias)
-    query, key, value = projected.chunk(3, dim=-1)
-    heads = attn.num_heads
+    query, key, value = qkv_rows(block, normed).chunk(3, dim=-1)
+    heads = block.attn.num_heads
     return split_heads(query, heads), split_heads(key, heads), split_heads(value, heads)
 
 
