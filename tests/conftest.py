@@ -11,6 +11,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # lets tests import the shared `numerics` helper
 
+pytest_plugins = ["skip_policy", "pytester"]  # CI fails on skips other than the gpu/slow tiers
+
 os.environ.setdefault("TRITON_INTERPRET", "1") if not torch.cuda.is_available() else None
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
