@@ -50,6 +50,14 @@ def cache_command(
     pretrained: Annotated[
         str | None, typer.Option(help="Pretrained tag or checkpoint file; 'none' for seeded random weights.")
     ] = "openai",
+    quick_gelu: Annotated[
+        bool | None,
+        typer.Option(
+            "--quick-gelu/--no-quick-gelu",
+            help="Build the QuickGELU network (OpenAI-trained weights) or the GELU one; needed for a plain "
+            "checkpoint of e.g. RN50 or ViT-B-16, decided by the tag otherwise (docs/models.md).",
+        ),
+    ] = None,
     shots: Annotated[str, typer.Option(help="Few-shot sizes, comma-separated ('none' for no subsets).")] = "1,2,4,8,16",
     seeds: Annotated[str, typer.Option(help="Few-shot seeds, comma-separated.")] = "1,2,3",
     views: Annotated[int, typer.Option(help="Augmented views per training image.")] = 16,
@@ -95,7 +103,7 @@ def cache_command(
     if pretrained is None or pretrained.lower() == "none":
         torch.manual_seed(0)  # random weights, the same in every process and every rerun (resumable, comparable)
         pretrained = None
-    clip = load_clip(model, pretrained, device="cpu")
+    clip = load_clip(model, pretrained, device="cpu", quick_gelu=quick_gelu)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", SkippedImagesWarning)
         summary = build_cache(

@@ -58,10 +58,23 @@ def train_command(
     class_specific: Annotated[bool | None, typer.Option(help="One context per class.")] = None,
     lr: Annotated[float | None, typer.Option(help="Peak learning rate (default 0.002).")] = None,
     temperature: Annotated[float | None, typer.Option(help="KL temperature (default 1).")] = None,
-    lambda_policy: Annotated[str | None, typer.Option(help="release (8/16 shots) or paper (16 shots).")] = None,
+    lambda_policy: Annotated[
+        str | None,
+        typer.Option(
+            help="Default lambda: release (0.8 at 8/16 shots on Flowers/DTD/EuroSAT) or paper (0.8 at 16 shots on "
+            "every dataset); 1.0 otherwise."
+        ),
+    ] = None,
     precision: Annotated[str | None, typer.Option(help="fp32, bf16 or fp16 text tower (CUDA autocast).")] = None,
     eval_every: Annotated[int | None, typer.Option(help="Evaluate the test split every k epochs.")] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
+    quick_gelu: Annotated[
+        bool | None,
+        typer.Option(
+            "--quick-gelu/--no-quick-gelu",
+            help="The network for a cache that does not record it and whose checkpoint does not say (docs/models.md).",
+        ),
+    ] = None,
     class_chunk: Annotated[int | None, typer.Option(help="Classes per encoder chunk (bounds memory).")] = None,
     checkpoint_minutes: Annotated[float, typer.Option(help="Checkpoint running runs this often.")] = 10.0,
     eval_caches: Annotated[
@@ -103,7 +116,7 @@ def train_command(
         typer.echo(f"  {config.run_id}  epochs={config.epochs} init={config.init} n_ctx={config.n_ctx}")
     if dry_run:
         return
-    clip = load_cache_clip(features, device=device)
+    clip = load_cache_clip(features, device=device, quick_gelu=quick_gelu)
     targets = [FeatureCache(Path(path), device=device) for path in _list(eval_caches) or []]
     options = SweepOptions(device=device, class_chunk=class_chunk, checkpoint_minutes=checkpoint_minutes,
                            progress=progress, targets=targets)  # fmt: skip

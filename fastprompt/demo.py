@@ -52,11 +52,15 @@ class DemoOptions:
 
     def key(self, task: str, weights: str = "") -> str:
         """A short hash of everything that decides a task's cache and sweep (`weights`: the checkpoint's digest, so
-        that a new shipped checkpoint gets new caches instead of a refusal to mix)."""
+        that a new shipped checkpoint gets new caches instead of a refusal to mix; the cache format, so that a demo
+        folder from an older fastprompt gets new caches and sweeps instead of a refusal or a stale result)."""
+        from fastprompt.cache.records import FORMAT_VERSION
+
         skip = ("out", "progress", "plots", "tasks", "methods", "threads")
         data = {k: v for k, v in asdict(self).items() if k not in skip}
         data["task"] = task
         data["weights"] = weights
+        data["cache_format"] = FORMAT_VERSION
         return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 

@@ -3,9 +3,11 @@
 Tables follow the paper's few-shot layout: rows are methods, columns are shot counts, cells are the mean and the
 population standard deviation over seeds ("mean ± std", with "(n=k)" when fewer than 3 seeds). Zero-shot methods do
 not depend on the shot count: their runs are pooled per seed and the value is repeated in every column. The base2new
-setting gets a base / new / H table. Averages over datasets are taken per seed (over the seeds every dataset has),
-then mean ± std over those seeds. When the sweep covers exactly the paper's 11 datasets, PROTOCOL.md section 7's
-reference numbers are added as "(paper)" rows.
+setting gets a base / new / H table; H = 2BN / (B + N) is computed from the seed-mean B and N of its row, not averaged
+over the runs' own H (PROTOCOL.md section 5, as CoCoOp's and ProGrad's tables do), so its cell has no spread; the
+average row's H comes from the averaged B and N. Averages over datasets are taken per seed (over the seeds every
+dataset has), then mean ± std over those seeds. When the sweep covers exactly the paper's 11 datasets, PROTOCOL.md
+section 7's reference numbers are added as "(paper)" rows.
 """
 
 from __future__ import annotations
@@ -206,6 +208,11 @@ def fewshot_cells(
     return cells
 
 
+def harmonic_mean(base: float, new: float) -> float:
+    """H = 2BN / (B + N) (0 when both are 0). Tables apply it to seed-mean B and N, as CoCoOp's and ProGrad's do."""
+    return 2 * base * new / (base + new) if base + new > 0 else 0.0
+
+
 def _average(per_dataset: list[dict[int, float]]) -> dict[int, float]:
     """Per seed, the mean over datasets, for the seeds every dataset has."""
     seeds = set.intersection(*(set(d) for d in per_dataset)) if per_dataset else set()
@@ -230,10 +237,23 @@ class _Builder:
         self.sections: list[str] = []
         self.csv_rows: list[dict] = []
 
-    def add_csv(self, setting, dataset, label, shots, metric, cell: Cell | None = None, paper: float | None = None):
+    def add_csv(
+        self,
+        setting,
+        dataset,
+        label,
+        shots,
+        metric,
+        cell: Cell | None = None,
+        paper: float | None = None,
+        derived: tuple[float, int] | None = None,
+    ):
+        """One CSV row: a cell over seeds, a paper number, or a value derived from cells (value, seeds; no std)."""
         row = {"setting": setting, "dataset": dataset, "method": label, "shots": shots, "metric": metric}
         if cell is not None:
             row |= {"mean": round(cell.mean, 4), "std": round(cell.std, 4), "n": cell.n, "source": "sweep"}
+        elif derived is not None:
+            row |= {"mean": round(derived[0], 4), "std": "", "n": derived[1], "source": "sweep"}
         else:
             row |= {"mean": paper, "std": "", "n": "", "source": "paper"}
         self.csv_rows.append(row)
@@ -262,17 +282,26 @@ class _Builder:
         self.sections.append(text)
 
     def base2new_table(self, title, dataset, groups: dict[tuple[Variant, int], dict[str, dict[int, float]]]):
+        """Base and new cells from their per-seed values; H from the two cells' means (no spread of its own)."""
         rows = []
         for (variant, shots), metrics in sorted(groups.items()):
             row = [variant.label, str(shots)]
-            for key, name in (("base_accuracy", "base"), ("new_accuracy", "new"), ("harmonic_mean", "H")):
+            cells = {}
+            for key, name in (("base_accuracy", "base"), ("new_accuracy", "new")):
                 seeds = metrics.get(key)
                 if seeds:
-                    cell = Cell(list(seeds.values()))
-                    row.append(cell.text())
-                    self.add_csv("base2new", dataset, variant.label, shots, name, cell)
+                    cells[name] = Cell(list(seeds.values()))
+                    row.append(cells[name].text())
+                    self.add_csv("base2new", dataset, variant.label, shots, name, cells[name])
                 else:
                     row.append("–")
+            if len(cells) == 2:
+                harmonic = harmonic_mean(cells["base"].mean, cells["new"].mean)
+                n = min(cells["base"].n, cells["new"].n)
+                row.append(f"{harmonic:.2f}" + (f" (n={n})" if n < 3 else ""))
+                self.add_csv("base2new", dataset, variant.label, shots, "H", derived=(harmonic, n))
+            else:
+                row.append("–")
             rows.append(row)
         self.sections.append(f"## {title}\n\n" + _markdown_table(["Method", "Shots", "Base", "New", "H"], rows))
 
@@ -341,7 +370,7 @@ def _base2new_sections(builder: _Builder, records: list[dict]) -> None:
     for record in records:
         by_dataset[record["dataset"]].append(record)
     datasets = sorted(by_dataset)
-    keys = ("base_accuracy", "new_accuracy", "harmonic_mean")
+    keys = ("base_accuracy", "new_accuracy")  # H comes from their seed means, never from the runs' own H
     tables = {}
     for dataset in datasets:
         groups: dict[tuple[Variant, int], list[dict]] = defaultdict(list)

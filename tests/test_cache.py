@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import shutil
 import subprocess
+import tarfile
 
 import numpy as np
 import pytest
@@ -19,6 +21,7 @@ from fastprompt.cache import extract
 from fastprompt.cache.extract import SkippedImagesWarning, build_cache
 from fastprompt.cache.loader import FeatureCache
 from fastprompt.cache.plan import CacheOptions, fewshot_subsets
+from fastprompt.cache.shards import file_sha256
 from fastprompt.clip import load_clip
 from fastprompt.data.registry import load_dataset, register_dataset
 from fastprompt.data.transforms import ViewTransform, load_rgb
@@ -95,8 +98,10 @@ def test_cache_writes_shards_and_manifest(toy):
     assert manifest["skipped"][0]["path"] == toy["corrupt"] and len(manifest["skipped"]) == 1
     assert str(toy["root"]) not in json.dumps(manifest["skipped"])
     assert all(toy["corrupt"] not in subset["train"] for subset in manifest["fewshot"].values())
-    assert manifest["splits"]["test"] == {"count": 6, "views": 1}
-    assert manifest["splits"]["train"]["views"] == 3 and manifest["dtype"] == "float32"
+    assert manifest["format_version"] == 2
+    assert manifest["splits"]["test"] == {"count": 6, "views": 1, "center": False}
+    assert manifest["splits"]["train"]["views"] == 3 and manifest["splits"]["train"]["center"] is True
+    assert manifest["dtype"] == "float32"
     assert sorted(manifest["fewshot"]) == ["1-1", "1-2", "2-1", "2-2"]
 
     import webdataset
@@ -105,6 +110,10 @@ def test_cache_writes_shards_and_manifest(toy):
         samples = list(webdataset.WebDataset(str(toy["out"] / shard["name"]), shardshuffle=False).decode())
         assert len(samples) == shard["count"]
         assert samples[0]["npy"].shape == (manifest["splits"][shard["split"]]["views"], manifest["feature_dim"])
+        if shard["split"] == "train":  # the centre view, beside the augmented views
+            assert all(sample["center.npy"].shape == (manifest["feature_dim"],) for sample in samples)
+        else:
+            assert all("center.npy" not in sample for sample in samples)
     if shutil.which("tar"):
         listing = subprocess.run(["tar", "tf", str(toy["out"] / "test-00000.tar")], capture_output=True, text=True)
         assert "test/00000000.npy" in listing.stdout
@@ -118,6 +127,7 @@ def test_fewshot_indices_point_at_the_subset(toy):
     assert [cache.split("val").keys[i] for i in subset.val_index.tolist()] == subset.val_keys
     assert subset.train_keys == cache.manifest["fewshot"]["2-1"]["train"]
     assert train.labels.dtype == torch.int64 and train.features.shape[1:] == (3, cache.feature_dim)
+    assert train.center.shape == (len(train.keys), cache.feature_dim)
     with pytest.raises(FastPromptError, match="holds no 16-shot subset for seed 1"):
         cache.fewshot(16, 1)
 
@@ -130,6 +140,48 @@ def test_cached_test_features_equal_the_image_tower_on_test_views(toy):
         pixels = torch.stack([clip.preprocess_val(Image.open(toy["images"] / key)) for key in cached.keys])
         expected = clip.encode_image(pixels)
         assert_close(cached.features[:, 0], expected, what=f"{split} features")
+
+
+def test_cached_center_view_equals_the_image_tower_on_test_transformed_training_images(toy):
+    cache = FeatureCache(toy["out"])
+    clip = toy["clip"]
+    train = cache.split("train")
+    pixels = torch.stack([clip.preprocess_val(Image.open(toy["images"] / key)) for key in train.keys])
+    assert_close(train.center, clip.encode_image(pixels), what="train centre views")
+    assert torch.equal(cache.center_features("train"), train.center)
+    assert not any(torch.allclose(train.center, train.features[:, view]) for view in range(cache.views))
+    for split in ("val", "test"):  # their one view is the test transform: the centre view is that view
+        assert torch.equal(cache.split(split).center, cache.split(split).features[:, 0])
+
+
+def downgrade_to_format_1(source, out):
+    """A copy of the cache `source` as format 1 wrote it: no `center.npy` members, no `center` in the manifest."""
+    shutil.copytree(source, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    for entry in manifest["shards"]:
+        path = out / entry["name"]
+        with tarfile.open(path) as tar:
+            kept = [(info, tar.extractfile(info).read()) for info in tar if not info.name.endswith(".center.npy")]
+        with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+            for info, payload in kept:
+                tar.addfile(info, io.BytesIO(payload))
+        entry.update(bytes=path.stat().st_size, sha256=file_sha256(path))
+    manifest["format_version"] = 1
+    for split in manifest["splits"].values():
+        del split["center"]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return out
+
+
+def test_format_1_cache_still_loads_but_has_no_center_view(toy, tmp_path):
+    old = FeatureCache(downgrade_to_format_1(toy["out"], tmp_path / "format1"))
+    new = FeatureCache(toy["out"])
+    assert old.format_version == 1 and old.split("train").center is None
+    assert torch.equal(old.split("train").features, new.split("train").features)  # prompt training reads the same
+    assert torch.equal(old.split("test").center, new.split("test").center)
+    message = r"\(format 1\) holds no centre-crop feature of its training images, which the linear probe needs; rebuild"
+    with pytest.raises(FastPromptError, match=message):
+        old.center_features("train", "the linear probe")
 
 
 def test_augmented_views_are_deterministic_distinct_and_cached(toy):
@@ -267,7 +319,7 @@ def test_each_image_is_decoded_once_and_each_view_encoded_once(toy, tmp_path, mo
     manifest = json.loads((tmp_path / "counted" / "manifest.json").read_text())
     splits = manifest["splits"]
     assert len(decoded_paths) == len(set(decoded_paths)) == sum(split["count"] for split in splits.values()) + 1
-    assert summary.views == sum(split["count"] * split["views"] for split in splits.values())
+    assert summary.views == sum(split["count"] * (split["views"] + split["center"]) for split in splits.values())
     train_keys = [key for subset in manifest["fewshot"].values() for key in subset["train"]]
     assert len(train_keys) > len(set(train_keys)) == splits["train"]["count"]  # subsets overlap, images stored once
 

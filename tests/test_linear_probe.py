@@ -1,13 +1,25 @@
-"""The linear probe: accuracy on separable blobs, CoOp's C-search schedule, the optimum against scikit-learn."""
+"""The linear probe: accuracy on separable blobs, CoOp's C-search schedule, the optimum against scikit-learn, and the
+sweep's probe as CoOp's lpclip (one centre-view feature per training image; C searched on test without a val split)."""
 
 from __future__ import annotations
 
+import inspect
+import json
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from fastprompt.cli.app import load_commands
+from typer.testing import CliRunner
 
+from fastprompt.cache.extract import build_cache
+from fastprompt.cache.loader import FeatureCache
+from fastprompt.cache.plan import CacheOptions
+from fastprompt.data.items import Dataset
+from fastprompt.data.registry import load_dataset
+from fastprompt.train import linear_probe as linear_probe_module
+from fastprompt.train.config import expand_sweep
 from fastprompt.train.linear_probe import (
     GRID,
     NUM_BISECTION_ROUNDS,
@@ -15,6 +27,7 @@ from fastprompt.train.linear_probe import (
     fit_logistic_regression,
     linear_probe,
 )
+from fastprompt.train.sweep import SweepOptions, run_sweep
 
 NUM_CLASSES = 5
 DIM = 16
@@ -149,7 +162,8 @@ def test_rejects_bad_inputs(splits):
 @pytest.mark.parametrize("c", [1e-2, 1.0, 1e2])
 def test_matches_sklearn(splits, c):
     """Same objective as scikit-learn's multinomial lbfgs: same predictions at its defaults, same optimum when tight."""
-    linear_model = pytest.importorskip("sklearn.linear_model")
+    from sklearn import linear_model  # the dev extra: this check must run, never skip
+
     train_features = F.normalize(splits["train"][0].double(), dim=-1)
     test_features = F.normalize(splits["test"][0].double(), dim=-1)
     train_labels = splits["train"][1]
@@ -168,3 +182,84 @@ def test_matches_sklearn(splits, c):
     torch.testing.assert_close(weight, torch.from_numpy(reference.coef_), rtol=0, atol=1e-5 * scale)
     reference_bias = torch.from_numpy(reference.intercept_)
     torch.testing.assert_close(bias, reference_bias - reference_bias.mean(), rtol=0, atol=1e-5 * scale)
+
+
+@pytest.fixture(scope="module")
+def probe_caches(tmp_path_factory):
+    """Caches of one toy dataset built with the tiny model: "val" with a few-shot validation split, and "noval"
+    without one, as ImageNet's (empty validation split, no validation subsets); 3 augmented views per image."""
+    from test_cache import tiny_clip, write_coop_dataset
+
+    root = tmp_path_factory.mktemp("probe-data")
+    write_coop_dataset(root, per_split=(("train", 4), ("val", 2), ("test", 3)))
+    dataset = load_dataset("CacheToy", root)
+    no_val = Dataset(dataset.name, dataset.classnames, dataset.train, [], dataset.test, dataset.templates,
+                     dataset.image_root, fewshot_val=False)  # fmt: skip
+    clip = tiny_clip()
+    out = tmp_path_factory.mktemp("probe-caches")
+    options = CacheOptions(shots=(2,), seeds=(1,), views=3, dtype="fp32")
+    for name, data in (("val", dataset), ("noval", no_val)):
+        build_cache(data, clip, out / name, options, num_workers=0, progress=False)
+    return clip, out
+
+
+def sweep_probe(cache, clip, out, monkeypatch) -> tuple[dict, dict]:
+    """Run the sweep's 2-shot seed-1 linear probe; returns its result.json and the arguments the probe was given."""
+    calls = []
+
+    def recording_probe(*args, **kwargs):
+        calls.append(inspect.signature(linear_probe).bind(*args, **kwargs).arguments)
+        return linear_probe(*args, **kwargs)
+
+    monkeypatch.setattr(linear_probe_module, "linear_probe", recording_probe)
+    (config,) = expand_sweep({"method": ["linear_probe"], "shots": [2], "seed": [1]}, {"dataset": cache.dataset})
+    run_sweep(cache, clip, [config], out, SweepOptions(progress=False))
+    assert len(calls) == 1
+    return json.loads((out / config.run_id / "result.json").read_text()), calls[0]
+
+
+def test_sweep_probe_fits_one_centre_view_feature_per_training_image(probe_caches, tmp_path, monkeypatch):
+    clip, out = probe_caches
+    cache = FeatureCache(out / "val")
+    result, given = sweep_probe(cache, clip, tmp_path, monkeypatch)
+    subset, train, val = cache.fewshot(2, 1), cache.split("train"), cache.split("val")
+    train_x = given["train_features"]
+    assert train_x.shape == (len(subset.train_keys), cache.feature_dim)  # one sample per image, not per view
+    assert torch.equal(train_x, train.center[subset.train_index].float())
+    assert torch.equal(given["train_labels"], train.labels[subset.train_index])
+    assert torch.equal(given["val_features"], val.center[subset.val_index].float())
+    assert len(given["val_labels"]) == len(subset.val_keys) > 0
+    assert torch.equal(given["test_features"], cache.split("test").center.float()) and given["num_classes"] == 3
+    assert given["normalize"] is False  # CoOp fits the raw image-tower outputs
+    metrics = result["metrics"]
+    assert result["status"] == "done" and metrics["c_search_split"] == "val"
+    direct = linear_probe(**given)
+    assert metrics["accuracy"] == direct.accuracy and metrics["best_c"] == direct.best_c
+
+
+def test_sweep_probe_without_a_validation_split_searches_c_on_test(probe_caches, tmp_path, monkeypatch):
+    """ImageNet's case: no few-shot validation images, so C is searched on the test split (CoOp), and recorded."""
+    clip, out = probe_caches
+    cache = FeatureCache(out / "noval")
+    assert cache.manifest["splits"]["val"]["count"] == 0 and cache.fewshot(2, 1).val_keys == []
+    result, given = sweep_probe(cache, clip, tmp_path, monkeypatch)
+    assert torch.equal(given["val_features"], given["test_features"])
+    assert torch.equal(given["val_labels"], given["test_labels"])
+    assert given["train_features"].shape == (len(cache.fewshot(2, 1).train_keys), cache.feature_dim)
+    assert result["status"] == "done" and result["metrics"]["c_search_split"] == "test"
+
+
+def test_format_1_cache_trains_prompts_but_the_probe_asks_for_a_rebuild(probe_caches, tmp_path):
+    from test_cache import downgrade_to_format_1
+
+    clip, out = probe_caches
+    old = downgrade_to_format_1(out / "val", tmp_path / "format1")
+    (coop,) = expand_sweep({"method": ["coop"], "shots": [2], "seed": [1]}, {"dataset": "CacheToy", "epochs": 1})
+    (record,) = run_sweep(FeatureCache(old), clip, [coop], tmp_path / "prompts", SweepOptions(progress=False))
+    assert record["status"] == "done"
+    args = ["train", "--cache", str(old), "--out", str(tmp_path / "probe"), "--methods", "linear_probe",
+            "--shots", "2", "--seeds", "1", "--no-progress"]  # fmt: skip
+    result = CliRunner().invoke(load_commands(), args)
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    message = " ".join(result.output.split())
+    assert "(format 1) holds no centre-crop feature of its training images" in message and "rebuild it" in message

@@ -25,7 +25,39 @@ def test_report_reproduces_the_hand_computed_tables(tmp_path):
     rows = result.csv_path.read_text().splitlines()
     assert rows[0] == "setting,dataset,method,shots,metric,mean,std,n,source"
     assert "fewshot,Average,ProGrad,4,accuracy,77.25,0.5,2,sweep" in rows
-    assert "base2new,OxfordPets,CoOp,16,H,82.0,2.0,2,sweep" in rows
+    # H from the seed-mean base (87) and new (78) accuracies, 82.25; the mean of the runs' own H (80, 84) would be 82.
+    assert "base2new,OxfordPets,CoOp,16,H,82.2545,,2,sweep" in rows
+
+
+def test_harmonic_mean_of_seed_means_and_of_the_averaged_base_and_new(tmp_path):
+    """PROTOCOL.md section 5: H per dataset from the seed-mean B and N; the average row's H from the averaged B and N.
+    The runs' own per-seed H (in every record) must not be averaged instead: the numbers make all the ways differ."""
+    accuracies = {("A", 1): (90.0, 50.0), ("A", 2): (70.0, 70.0), ("B", 1): (60.0, 90.0), ("B", 2): (80.0, 40.0)}
+    lines = []
+    for (dataset, seed), (base, new) in accuracies.items():
+        run_id = f"coop-{dataset}-base2new-4shot-seed{seed}"
+        lines.append(
+            {"run_id": run_id, "path": run_id, "status": "done", "method": "coop", "dataset": dataset,
+             "setting": "base2new", "shots": 4, "seed": seed, "lambda": 1.0, "alpha": 1.0, "accuracy": base,
+             "base_accuracy": base, "new_accuracy": new, "harmonic_mean": 2 * base * new / (base + new)}
+        )  # fmt: skip
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    result = build_report(tmp_path, plots=False)
+    markdown = result.markdown
+    # A: B 80, N 60 -> H 68.57 (mean of the per-seed H 64.29 and 70.00: 67.14).
+    assert "| CoOp | 4 | 80.00 ± 10.00 (n=2) | 60.00 ± 10.00 (n=2) | 68.57 (n=2) |" in markdown.split("new: A")[1]
+    # B: B 70, N 65 -> H 67.41 (mean of the per-seed H 72.00 and 53.33: 62.67).
+    assert "| CoOp | 4 | 70.00 ± 10.00 (n=2) | 65.00 ± 25.00 (n=2) | 67.41 (n=2) |" in markdown.split("new: B")[1]
+    # Average: B 75, N 62.5 -> H 68.18 (mean of the dataset H: 67.99; mean of all per-seed H: 64.90).
+    average = markdown.split("Average over datasets (2)")[1]
+    assert "| CoOp | 4 | 75.00 ± 0.00 (n=2) | 62.50 ± 7.50 (n=2) | 68.18 (n=2) |" in average
+    rows = result.csv_path.read_text().splitlines()
+    assert "base2new,Average,CoOp,4,H,68.1818,,2,sweep" in rows
+
+    from fastprompt.train.results import summary_table
+
+    table = summary_table(lines, key="harmonic_mean")
+    assert "| A | base2new | coop | 68.57 (n=2) |" in table and "| B | base2new | coop | 67.41 (n=2) |" in table
 
 
 def test_plots_are_png_files(tmp_path):

@@ -12,17 +12,23 @@ from fastprompt.data.transforms import ViewTransform, load_rgb
 
 @dataclass(frozen=True)
 class ViewTask:
-    """One image to encode: `views` augmented training views, or the test view when `augmented` is False."""
+    """One image to encode: `views` augmented training views, or the test view when `augmented` is False.
+
+    With `center`, an augmented task's views are followed by the test view (resize, centre crop) of the same decoded
+    image: the training image's centre view, for one more pass of the image tower and no second decode.
+    """
 
     path: str
     key: str
     augmented: bool
     views: int
+    center: bool = False
 
 
 @dataclass
 class DecodedImage:
-    """A worker's output for one task: pixels (views, 3, size, size), or None and the reason it could not be read."""
+    """A worker's output for one task: pixels (views, 3, size, size), one more (the centre view, last) for a task with
+    `center`; or None and the reason the image could not be read."""
 
     task_index: int
     pixels: torch.Tensor | None
@@ -48,6 +54,8 @@ class ViewDataset(TorchDataset):
             return DecodedImage(index, None, f"{type(error).__name__}: {message}"[:200])
         if task.augmented:
             pixels = self.transform.train_views(image, task.key, task.views)
+            if task.center:
+                pixels = torch.cat([pixels, self.transform.test_view(image).unsqueeze(0)])
         else:
             pixels = self.transform.test_view(image).unsqueeze(0)
         return DecodedImage(index, pixels)

@@ -112,7 +112,11 @@ class ImageEncoder:
 
 
 def model_record(clip, precision: str) -> dict:
-    """The manifest's `model`: a checkpoint file is recorded by its absolute path, so the trainer finds it."""
+    """The manifest's `model`: a checkpoint file is recorded by its absolute path, so the trainer finds it.
+
+    `architecture` is the network as built (`Clip.architecture`: QuickGELU or GELU, per tower); the weights' checksum
+    cannot tell them apart, so the trainer rebuilds the same network from this record (docs/models.md).
+    """
     pretrained = None if clip.pretrained is None else str(clip.pretrained)
     if pretrained is not None and Path(pretrained).is_file():
         pretrained = str(Path(pretrained).resolve())
@@ -121,6 +125,7 @@ def model_record(clip, precision: str) -> dict:
         "pretrained": pretrained,
         "weights_sha256": clip.weights_checksum,
         "precision": precision,
+        "architecture": dict(getattr(clip, "architecture", None) or {}),
         "preprocess": {key: clip.preprocess_cfg[key] for key in ("size", "mean", "std", "interpolation")},
     }
 
@@ -228,11 +233,12 @@ def _extract(plan: CachePlan, shards: list[ShardPlan], encoder, transform, dtype
     batches: list[list[int]] = []
     for shard in shards:
         start = len(tasks)
-        views = plan.views[shard.split]
+        views, center = plan.views[shard.split], plan.center[shard.split]
         for item in plan.shard_items(shard):
-            tasks.append(ViewTask(str(item.path), item.key, shard.split == "train", views))
+            tasks.append(ViewTask(str(item.path), item.key, shard.split == "train", views, center))
         ends.append(len(tasks))
-        batches.extend(shard_bounded_batches([(start, len(tasks))], max(1, batch_size // views)))
+        images_per_batch = max(1, batch_size // plan.encoded_views(shard.split))
+        batches.extend(shard_bounded_batches([(start, len(tasks))], images_per_batch))
     loader = DataLoader(
         ViewDataset(tasks, transform),
         batch_sampler=batches,
@@ -253,7 +259,10 @@ def _extract(plan: CachePlan, shards: list[ShardPlan], encoder, transform, dtype
             for decoded, image_features in zip(readable, per_image, strict=True):
                 position = shard.start + decoded.task_index - first_task
                 item = plan.splits[shard.split][position]
-                samples.append(Sample(position, item.key, item.label, image_features.numpy().astype(numpy_dtype)))
+                stored = image_features.numpy().astype(numpy_dtype)
+                views = plan.views[shard.split]  # the centre view, where there is one, follows the stored views
+                center = stored[views] if plan.center[shard.split] else None
+                samples.append(Sample(position, item.key, item.label, stored[:views], center))
                 summary.images += 1
                 summary.views += image_features.shape[0]
         skipped += [

@@ -9,11 +9,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastprompt.cache.records import FORMAT_VERSION, MANIFEST
+from fastprompt.cache.records import FORMAT_VERSION, MANIFEST, READABLE_FORMATS
 from fastprompt.cache.shards import read_shard, verify_shard
 from fastprompt.errors import FastPromptError
 
 TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+SPLIT_WORDS = {"train": "training", "val": "validation", "test": "test"}
 
 
 @dataclass(frozen=True)
@@ -21,14 +22,19 @@ class SplitFeatures:
     """One split's cached features.
 
     Attributes:
-        features: (N, V, D) image-tower outputs (not normalised), stored dtype, on the cache's device.
+        features: (N, V, D) image-tower outputs (not normalised), stored dtype, on the cache's device: V augmented
+            views per training image, the one test view (V = 1) per validation or test image.
         labels: (N,) int64, on the cache's device.
         keys: N image keys (paths relative to the dataset's image folder).
+        center: (N, D) the centre view of each image (the test transform: short side resized, centre crop), same
+            dtype and device: stored apart for training images, `features[:, 0]` for val and test. None for the
+            training split of a format-1 cache, which did not store it (`FeatureCache.center_features` says so).
     """
 
     features: torch.Tensor
     labels: torch.Tensor
     keys: list[str]
+    center: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -79,10 +85,11 @@ class FeatureCache:
                 f"'{self.path}' is not a feature cache (no {MANIFEST}); build one with `fastprompt cache`."
             )
         self.manifest: dict = json.loads(manifest_path.read_text())
-        if self.manifest.get("format_version") != FORMAT_VERSION:
+        if self.manifest.get("format_version") not in READABLE_FORMATS:
+            readable = " and ".join(str(version) for version in READABLE_FORMATS)
             raise FastPromptError(
                 f"'{self.path}' has cache format {self.manifest.get('format_version')}, this fastprompt reads "
-                f"{FORMAT_VERSION}; rebuild the cache with `fastprompt cache`."
+                f"formats {readable}; rebuild the cache with `fastprompt cache`."
             )
         self._check_fits()
         self._splits = {name: self._load_split(name, verify) for name in ("train", "val", "test")}
@@ -104,11 +111,34 @@ class FeatureCache:
     def feature_dim(self) -> int:
         return int(self.manifest["feature_dim"])
 
+    @property
+    def format_version(self) -> int:
+        return int(self.manifest["format_version"])
+
     def split(self, name: str) -> SplitFeatures:
-        """The features (N, V, D), labels (N,) and keys of "train", "val" or "test"."""
+        """The features (N, V, D), centre features (N, D), labels (N,) and keys of "train", "val" or "test"."""
         if name not in self._splits:
             raise FastPromptError(f"Unknown split '{name}'; a cache has train, val and test.")
         return self._splits[name]
+
+    def center_features(self, name: str, purpose: str = "this") -> torch.Tensor:
+        """The (N, D) centre-view features of a split (one test-transform feature per image).
+
+        Args:
+            name: "train", "val" or "test".
+            purpose: what needs them, for the error message ("the linear probe").
+
+        Raises:
+            FastPromptError: the cache predates the centre view of training images (format 1): rebuild it.
+        """
+        center = self.split(name).center
+        if center is None:
+            raise FastPromptError(
+                f"The cache '{self.path}' (format {self.format_version}) holds no centre-crop feature of its "
+                f"{SPLIT_WORDS[name]} images, which {purpose} needs; rebuild it with `fastprompt cache` (format "
+                f"{FORMAT_VERSION})."
+            )
+        return center
 
     def fewshot_settings(self) -> list[tuple[int, int]]:
         """The (shots, seed) pairs whose subsets the cache holds."""
@@ -138,8 +168,9 @@ class FeatureCache:
 
     def _check_fits(self) -> None:
         itemsize = torch.tensor([], dtype=TORCH_DTYPES[self.manifest["dtype"]]).element_size()
-        needed = sum(
-            split["count"] * (split["views"] * self.manifest["feature_dim"] * itemsize + 8)
+        dim = self.manifest["feature_dim"]
+        needed = sum(  # the stored views, the centre view where stored apart, and the label
+            split["count"] * ((split["views"] + int(split.get("center", False))) * dim * itemsize + 8)
             for split in self.manifest["splits"].values()
         )
         available = available_memory_bytes(self.device)
@@ -153,6 +184,8 @@ class FeatureCache:
         info = self.manifest["splits"][name]
         count, views, dim = info["count"], info["views"], self.manifest["feature_dim"]
         features = np.empty((count, views, dim), dtype=np.dtype(self.manifest["dtype"]))
+        stored_center = bool(info.get("center", False))
+        center = np.empty((count, dim), dtype=features.dtype) if stored_center else None
         labels = np.empty((count,), dtype=np.int64)
         keys: list[str] = []
         for entry in self.manifest["shards"]:
@@ -161,9 +194,16 @@ class FeatureCache:
             shard_path = self.path / entry["name"]
             if verify:
                 verify_shard(shard_path, entry, self.path)
-            for key, label, sample_features in read_shard(shard_path):
+            for key, label, sample_features, sample_center in read_shard(shard_path):
                 if len(keys) == count:
                     raise FastPromptError(f"The cache '{self.path}' holds more {name} images than its manifest lists.")
+                if center is not None:
+                    if sample_center is None:
+                        raise FastPromptError(
+                            f"Shard '{entry['name']}' of the cache '{self.path}' lacks the centre view of '{key}'; "
+                            f"rebuild the cache with `fastprompt cache`."
+                        )
+                    center[len(keys)] = sample_center
                 features[len(keys)] = sample_features
                 labels[len(keys)] = label
                 keys.append(key)
@@ -172,9 +212,12 @@ class FeatureCache:
                 f"The cache '{self.path}' lists {count} {name} images but its shards hold {len(keys)}."
             )
         try:
-            return SplitFeatures(
-                torch.from_numpy(features).to(self.device), torch.from_numpy(labels).to(self.device), keys
-            )
+            on_device = torch.from_numpy(features).to(self.device)
+            if center is not None:
+                center_on_device = torch.from_numpy(center).to(self.device)
+            else:  # val and test: their one view is the test transform; a format-1 train split has none
+                center_on_device = on_device[:, 0] if name != "train" else None
+            return SplitFeatures(on_device, torch.from_numpy(labels).to(self.device), keys, center_on_device)
         except torch.OutOfMemoryError:
             raise FastPromptError(
                 f"The {name} split of '{self.path}' does not fit on {self.device}; load the cache on another device."

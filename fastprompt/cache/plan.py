@@ -28,7 +28,7 @@ class CacheOptions:
     Attributes:
         shots: few-shot sizes K whose subsets go into the cache (empty: none).
         seeds: seeds of the few-shot subsets.
-        views: V, augmented views per training image.
+        views: V, augmented views per training image (each training image also gets its centre view, apart).
         full_train: store the whole training (and validation) split instead of the few-shot union.
         dtype: stored feature dtype, "float16" or "float32".
         shard_size: samples per shard ("1000") or a byte bound ("64MB", "512KB", "1GB").
@@ -64,12 +64,22 @@ class ShardPlan:
 
 @dataclass
 class CachePlan:
-    """The items of each split, their number of views, the few-shot key lists and the shards."""
+    """The items of each split, their number of views, the few-shot key lists and the shards.
+
+    `views[split]` counts the views stored in a sample's `.npy` (V augmented views for train, the one test view for
+    val and test); `center[split]` says whether a sample also stores its centre view (the test transform) apart, which
+    the training images do so that the linear probe and un-augmented training have one plain feature per image.
+    """
 
     splits: dict[str, list[Item]]
     views: dict[str, int]
+    center: dict[str, bool]
     fewshot: dict[str, dict[str, list[str]]]
     shards: list[ShardPlan] = field(default_factory=list)
+
+    def encoded_views(self, split: str) -> int:
+        """Image-tower passes per image of `split`: its stored views plus the centre view where it has one."""
+        return self.views[split] + int(self.center[split])
 
     def shard_items(self, shard: ShardPlan) -> list[Item]:
         return self.splits[shard.split][shard.start : shard.stop]
@@ -141,8 +151,9 @@ def make_plan(
         feature_dim: D, the image tower's output width (for byte-bounded shards).
 
     Returns:
-        train = union of the few-shot training subsets (or the full split), V views each; val = union of the few-shot
-        validation subsets (or the full split), 1 view; test = the whole test split, 1 view.
+        train = union of the few-shot training subsets (or the full split), V augmented views and the centre view
+        each; val = union of the few-shot validation subsets (or the full split), 1 view; test = the whole test split,
+        1 view (the val and test views are the test transform, the same as the training images' centre view).
     """
     if options.full_train:
         train, val = list(dataset.train), list(dataset.val)
@@ -152,6 +163,7 @@ def make_plan(
     plan = CachePlan(
         splits={"test": list(dataset.test), "val": val, "train": train},
         views={"test": 1, "val": 1, "train": options.views},
+        center={"test": False, "val": False, "train": True},
         fewshot={
             name: {"train": [item.key for item in pair[0]], "val": [item.key for item in pair[1]]}
             for name, pair in subsets.items()
@@ -160,7 +172,7 @@ def make_plan(
     itemsize = 2 if options.dtype == "float16" else 4
     for split in SPLIT_ORDER:
         count = len(plan.splits[split])
-        step = samples_per_shard(options.shard_size, plan.views[split], feature_dim, itemsize)
+        step = samples_per_shard(options.shard_size, plan.encoded_views(split), feature_dim, itemsize)
         for index, start in enumerate(range(0, count, step)):
             plan.shards.append(ShardPlan(f"{split}-{index:05d}.tar", split, start, min(start + step, count)))
     return plan

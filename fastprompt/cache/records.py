@@ -15,7 +15,8 @@ from pathlib import Path
 from fastprompt.cache.plan import CachePlan, ShardPlan
 from fastprompt.errors import FastPromptError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: training samples also hold their centre view (`center.npy`); 1 had only the augmented views
+READABLE_FORMATS = (1, 2)  # a format-1 cache still trains prompts; what needs the centre view asks for a rebuild
 PROGRESS_DIR = ".progress"
 MANIFEST = "manifest.json"
 
@@ -142,7 +143,10 @@ def assemble_manifest(record: dict, plan: CachePlan, shard_records: dict[str, di
         "classnames": record["classnames"],
         "templates": record["templates"],
         "full_train": record["full_train"],
-        "splits": {split: {"count": counts[split], "views": plan.views[split]} for split in ("train", "val", "test")},
+        "splits": {
+            split: {"count": counts[split], "views": plan.views[split], "center": plan.center[split]}
+            for split in ("train", "val", "test")
+        },
         "fewshot": fewshot,
         "shards": [
             {field: entry[field] for field in ("name", "split", "count", "bytes", "sha256")} for entry in entries

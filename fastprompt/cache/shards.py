@@ -1,8 +1,9 @@
 """Webdataset shards: one tar per run of samples, written atomically, byte-for-byte reproducible, with a sha256.
 
-A sample is one image: `<split>/<position>.npy` holds its features (views, D) in the stored dtype, `.cls` its label
-and `.key.txt` the image's path relative to the dataset's image folder (its key). The key lives in a member rather
-than in the tar name because webdataset cuts a sample's name at the first dot, and image paths have dots.
+A sample is one image: `<split>/<position>.npy` holds its features (views, D) in the stored dtype, `.center.npy` (a
+training image only, format 2) the feature (D,) of its centre view (the test transform), `.cls` its label and
+`.key.txt` the image's path relative to the dataset's image folder (its key). The key lives in a member rather than
+in the tar name because webdataset cuts a sample's name at the first dot, and image paths have dots.
 """
 
 from __future__ import annotations
@@ -21,12 +22,13 @@ from fastprompt.errors import FastPromptError
 
 @dataclass(frozen=True)
 class Sample:
-    """One image's cached features: `features` (views, D)."""
+    """One image's cached features: `features` (views, D) and, for a training image, `center` (D,)."""
 
     position: int
     key: str
     label: int
     features: np.ndarray
+    center: np.ndarray | None = None
 
 
 def _member(name: str, payload: bytes) -> tuple[tarfile.TarInfo, io.BytesIO]:
@@ -62,11 +64,11 @@ def write_shard(path: Path, split: str, samples: list[Sample]) -> dict:
     with tarfile.open(temporary, "w", format=tarfile.USTAR_FORMAT) as tar:
         for sample in samples:
             stem = f"{split}/{sample.position:08d}"
-            for suffix, payload in (
-                ("npy", _npy_bytes(sample.features)),
-                ("cls", str(sample.label).encode()),
-                ("key.txt", sample.key.encode()),
-            ):
+            members = [("npy", _npy_bytes(sample.features))]
+            if sample.center is not None:
+                members.append(("center.npy", _npy_bytes(sample.center)))
+            members += [("cls", str(sample.label).encode()), ("key.txt", sample.key.encode())]
+            for suffix, payload in members:
                 tar.addfile(*_member(f"{stem}.{suffix}", payload))
     with open(temporary, "rb+") as handle:
         os.fsync(handle.fileno())
@@ -95,8 +97,8 @@ def verify_shard(path: Path, entry: dict, cache_dir: Path) -> None:
         )
 
 
-def read_shard(path: Path) -> list[tuple[str, int, np.ndarray]]:
-    """The samples of a shard in order: (key, label, features (views, D))."""
+def read_shard(path: Path) -> list[tuple[str, int, np.ndarray, np.ndarray | None]]:
+    """The samples of a shard in order: (key, label, features (views, D), centre feature (D,) or None)."""
     members: dict[str, dict[str, bytes]] = {}
     with tarfile.open(path, "r") as tar:
         for info in tar:
@@ -107,5 +109,6 @@ def read_shard(path: Path) -> list[tuple[str, int, np.ndarray]]:
     samples = []
     for fields in members.values():
         features = np.load(io.BytesIO(fields["npy"]), allow_pickle=False)
-        samples.append((fields["key.txt"].decode(), int(fields["cls"]), features))
+        center = np.load(io.BytesIO(fields["center.npy"]), allow_pickle=False) if "center.npy" in fields else None
+        samples.append((fields["key.txt"].decode(), int(fields["cls"]), features, center))
     return samples

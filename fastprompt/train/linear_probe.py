@@ -27,9 +27,16 @@ The C search, as CoOp's ``lpclip/linear_probe.py`` runs it (written in log10(C),
 So ``search`` always has ``7 + 2 * 8 = 23`` entries. Fits are deterministic, so a value tried again is looked up,
 not refitted (its entry is still recorded). Validation accuracies in ``search`` are in percent.
 
+The features, as CoOp's ``lpclip`` feature extractor makes them: one per image from the test transform (short side
+resized, centre crop), for the training images too, never augmented views. The sweep takes the training images'
+centre views from the cache (``FeatureCache.split("train").center``, one row per image). Where the dataset has no
+few-shot validation split (ImageNet), CoOp searches C on the test split: the sweep then passes the test features as
+the validation set and records ``"c_search_split": "test"`` (otherwise ``"val"``) in the run's metrics.
+
 Where this departs from CoOp's script: CoOp's released feature extractor saves un-normalised ``clip_model.visual``
-outputs; pass ``normalize=False`` to probe those as they are. With exactly two classes scikit-learn fits a one-logit
-binary model, while this module stays multinomial (its optimum then matches scikit-learn's at 2 C).
+outputs; pass ``normalize=False`` to probe those as they are (the sweep does). With exactly two classes
+scikit-learn fits a one-logit binary model, while this module stays multinomial (its optimum then matches
+scikit-learn's at 2 C).
 """
 
 from __future__ import annotations
@@ -163,7 +170,8 @@ def linear_probe(
     Args:
         train_features: (N, D) float image features.
         train_labels: (N,) int64 labels in ``[0, num_classes)``.
-        val_features: (V, D) few-shot validation features, V >= 1.
+        val_features: (V, D) few-shot validation features, V >= 1 (the test features where the dataset has none,
+            as CoOp does on ImageNet).
         val_labels: (V,) int64 labels.
         test_features: (T, D) test features, T >= 1.
         test_labels: (T,) int64 labels.

@@ -171,12 +171,16 @@ class ResultWriter:
 
 def summary_table(records: list[dict], key: str = "accuracy") -> str:
     """Markdown table: one row per (dataset, setting, method, lambda/alpha), one column per shot count,
-    mean and population standard deviation over seeds."""
-    cells: dict[tuple, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    mean and population standard deviation over seeds of `key`. For key "harmonic_mean" a cell is H = 2BN / (B + N)
+    of the seed-mean base and new accuracies (PROTOCOL.md section 5), not the mean of the runs' own H."""
+    from fastprompt.report import harmonic_mean
+
+    parts = ("base_accuracy", "new_accuracy") if key == "harmonic_mean" else (key,)
+    cells: dict[tuple, dict[int, list[dict]]] = defaultdict(lambda: defaultdict(list))
     shots_seen: set[int] = set()
     failed = 0
     for record in records:
-        if record.get("status") != "done" or record.get(key) is None:
+        if record.get("status") != "done" or any(record.get(part) is None for part in parts):
             failed += record.get("status") == "failed"
             continue
         label = record["method"]
@@ -184,7 +188,7 @@ def summary_table(records: list[dict], key: str = "accuracy") -> str:
             label += f" (lambda {record['lambda']:g})"
         if record["method"] == "kd":
             label += f" (alpha {record.get('alpha', 1.0):g})"
-        cells[(record["dataset"], record.get("setting", "fewshot"), label)][record["shots"]].append(record[key])
+        cells[(record["dataset"], record.get("setting", "fewshot"), label)][record["shots"]].append(record)
         shots_seen.add(record["shots"])
     shots = sorted(shots_seen)
     lines = ["| dataset | setting | method | " + " | ".join(f"{s} shots" for s in shots) + " |"]
@@ -192,10 +196,15 @@ def summary_table(records: list[dict], key: str = "accuracy") -> str:
     for (dataset, setting, label), by_shots in sorted(cells.items()):
         row = []
         for s in shots:
-            values = by_shots.get(s, [])
-            if not values:
+            members = by_shots.get(s, [])
+            if not members:
                 row.append("")
+            elif key == "harmonic_mean":
+                base = statistics.fmean(r["base_accuracy"] for r in members)
+                new = statistics.fmean(r["new_accuracy"] for r in members)
+                row.append(f"{harmonic_mean(base, new):.2f} (n={len(members)})")
             else:
+                values = [r[key] for r in members]
                 spread = statistics.pstdev(values) if len(values) > 1 else 0.0
                 row.append(f"{statistics.fmean(values):.2f} ± {spread:.2f} (n={len(values)})")
         lines.append(f"| {dataset} | {setting} | {label} | " + " | ".join(row) + " |")

@@ -118,6 +118,7 @@ def run_sweep(cache, clip, configs: list[RunConfig], out_dir: Path, options: Swe
             raise FastPromptError(f"Run {config.run_id} is for {config.dataset} but the cache holds {cache.dataset}.")
     pending = [c for c in configs if not writer.finished(c.run_id)]
     targets = TransferTargets(options.targets, cache, clip)
+    targets.check(pending)  # a target layout the context cannot fill fails now, not after training
     views = {setting: DatasetView(cache, clip, setting) for setting in {c.setting for c in pending}}
     prograd_tpl, coop_tpl = _templates(cache)
     for config in [c for c in pending if not c.uses_prompt]:
@@ -268,9 +269,8 @@ def _finish(run, context, encoder, new_encoder, view, writer, keys, started, cac
             new_acc, _ = _evaluate(new_encoder, context, view.test_new)
             harmonic = 2 * base_acc * new_acc / (base_acc + new_acc) if base_acc + new_acc > 0 else 0.0
             metrics.update(base_accuracy=base_acc, new_accuracy=new_acc, harmonic_mean=harmonic)
-        if targets and not run.config.class_specific:
-            prefix = encoder.prompt_prefix
-            metrics["targets"] = targets.prompt_accuracies(context, run.config.n_ctx, run.config.position, prefix)
+        if targets and not run.config.class_specific:  # in each target's own prompt layout (transfer.py)
+            metrics["targets"] = targets.prompt_accuracies(context, run.config)
     timings = {"train_seconds": time.monotonic() - started, "steps": run.step}
     train_keys, val_keys = keys[run.config.run_id]
     writer.write(
@@ -301,36 +301,51 @@ def _checkpoint(engine: LockstepEngine, writer: ResultWriter) -> None:
             )
 
 
+def _linear_probe_metrics(view: DatasetView, config: RunConfig, rows: torch.Tensor, labels: torch.Tensor) -> dict:
+    """CoOp's lpclip (PROTOCOL.md section 6): one centre-view feature per training image (never the augmented views),
+    not normalised; C searched on the few-shot validation images, or on the test images where the dataset has no
+    validation split (ImageNet), as CoOp does there. `c_search_split` in the metrics says which.
+
+    Raises:
+        FastPromptError: the cache predates the training images' centre view (format 1): rebuild it.
+    """
+    from fastprompt.train.linear_probe import linear_probe
+
+    cache = view.cache
+    center = cache.center_features("train", "CoOp's linear probe")
+    subset = cache.fewshot(config.shots, config.seed)
+    val, test = cache.split("val"), cache.split("test")
+    val_feats, val_labels = _select(
+        val.center[subset.val_index], val.labels[subset.val_index], view.base, normalize=False
+    )
+    test_feats, test_labels = _select(test.center, test.labels, view.base, normalize=False)
+    search_split = "val" if val_labels.numel() else "test"
+    if search_split == "test":
+        val_feats, val_labels = test_feats, test_labels
+    result = linear_probe(
+        center[rows.to(center.device)].float(),  # (n, D): one sample per training image
+        labels.to(center.device),
+        val_feats,
+        val_labels,
+        test_feats,
+        test_labels,
+        len(view.base_names),
+        normalize=False,  # CoOp's probe fits the raw image-tower outputs
+    )
+    return {
+        "accuracy": result.accuracy,
+        "per_class_accuracy": result.per_class_accuracy,
+        "best_c": result.best_c,
+        "c_search_split": search_split,
+    }
+
+
 def _baseline(config: RunConfig, view: DatasetView, clip, prograd_tpl: str, coop_tpl: str):
     """Zero-shot CLIP, CLIP++ and the linear probe: (metrics, timings, train keys, val keys)."""
     started = time.monotonic()
     rows, labels, train_keys, val_keys = view.subset(config.shots, config.seed)
     if config.method == "linear_probe":
-        from fastprompt.train.linear_probe import linear_probe
-
-        subset = view.cache.fewshot(config.shots, config.seed)
-        train = view.train.features[rows.to(view.train.features.device)]  # (n, V, D): every cached view is a sample
-        val = view.cache.split("val")
-        val_feats, val_labels = _select(
-            val.features[subset.val_index, 0], val.labels[subset.val_index], view.base, normalize=False
-        )
-        test = view.cache.split("test")
-        test_feats, test_labels = _select(test.features[:, 0], test.labels, view.base, normalize=False)
-        result = linear_probe(
-            train.flatten(0, 1).float(),
-            labels.repeat_interleave(train.shape[1]).to(train.device),
-            val_feats,
-            val_labels,
-            test_feats,
-            test_labels,
-            len(view.base_names),
-            normalize=False,  # CoOp's probe fits the raw image-tower outputs
-        )
-        metrics = {
-            "accuracy": result.accuracy,
-            "per_class_accuracy": result.per_class_accuracy,
-            "best_c": result.best_c,
-        }
+        metrics = _linear_probe_metrics(view, config, rows, labels)
     else:
         templates = coop_tpl if config.method == "zeroshot" else ensemble_templates(view.cache.dataset, coop_tpl)
         weights = zero_shot_weights(clip, view.base_names, templates)
@@ -353,13 +368,24 @@ def _baseline(config: RunConfig, view: DatasetView, clip, prograd_tpl: str, coop
 __all__ = ["SweepOptions", "run_sweep", "run_record"]
 
 
-def load_cache_clip(cache, device: str = "cpu"):
-    """The Clip a cache was made with (model and weights from its manifest), checked against the weights' checksum.
+def load_cache_clip(cache, device: str = "cpu", quick_gelu: bool | None = None):
+    """The Clip a cache was made with (model, weights and network from its manifest), checked against the cache.
+
+    The network is rebuilt from the manifest's `architecture` record (QuickGELU or GELU; the weights' checksum cannot
+    tell them apart). A cache from before that record is taken to hold features of open_clip's plain config (what
+    fastprompt built then); that matters only where the image tower has the activation (ViTs, not ResNets).
+
+    Args:
+        cache: a `FeatureCache` (anything with `.manifest` and `.path`).
+        device: where the model lives.
+        quick_gelu: the network for a cache without an architecture record whose checkpoint does not say
+            (`--quick-gelu/--no-quick-gelu`); must agree with the record where there is one.
 
     Raises:
-        FastPromptError: the weights cannot be loaded or are not the ones the cache was made with.
+        FastPromptError: the weights cannot be loaded or are not the ones the cache was made with, or the network
+            built here is not the one the cache's features came from.
     """
-    from fastprompt.clip import load_clip
+    from fastprompt.clip import ARCHITECTURE_KEYS, config_quick_gelu, is_pretrained_tag, load_clip
 
     model = cache.manifest.get("model") or {}
     name, pretrained = model.get("name"), model.get("pretrained")
@@ -370,11 +396,48 @@ def load_cache_clip(cache, device: str = "cpu"):
     if pretrained in (None, "none"):
         torch.manual_seed(0)  # `fastprompt cache --pretrained none` seeds 0 too: the same random weights
         pretrained = None
-    clip = load_clip(name, pretrained, device=device)
+    recorded = model.get("architecture") or None
+    wanted = quick_gelu
+    if recorded is not None:
+        if quick_gelu is not None and quick_gelu != recorded.get("quick_gelu"):
+            flag = "--quick-gelu" if quick_gelu else "--no-quick-gelu"
+            raise FastPromptError(
+                f"The cache '{cache.path}' was made with the {_network(recorded)} network of {name}; drop {flag}, "
+                f"or rebuild the cache with it."
+            )
+        wanted = None if is_pretrained_tag(name, pretrained) else recorded.get("quick_gelu")  # a tag decides itself
+    clip = load_clip(name, pretrained, device=device, quick_gelu=wanted)
     expected = model.get("weights_sha256")
     if expected and clip.weights_checksum != expected:
         raise FastPromptError(
             f"The weights of {name} ({pretrained or 'random'}) loaded here differ from those the cache "
             f"'{cache.path}' was made with; point the cache at the same checkpoint or rebuild it."
         )
+    built = clip.architecture
+    if recorded is not None:
+        if any(recorded.get(key) != built.get(key) for key in ARCHITECTURE_KEYS):
+            raise FastPromptError(
+                f"The cache '{cache.path}' was made with the {_network(recorded)} network of {name}, but "
+                f"{pretrained or 'random weights'} builds the {_network(built)} one here ({built.get('rule')}); "
+                f"rebuild the cache with `fastprompt cache`."
+            )
+    elif built.get("image_activation") in ("quick_gelu", "gelu"):
+        assumed = "quick_gelu" if config_quick_gelu(name) else "gelu"
+        if built["image_activation"] != assumed:
+            raise FastPromptError(
+                f"The cache '{cache.path}' predates fastprompt's record of the network, so its image features came "
+                f"from open_clip's plain {name} ({_ACTIVATIONS[assumed]}), not the {_network(built)} network these "
+                f"weights were trained with ({built.get('rule')}); rebuild the cache with `fastprompt cache`."
+            )
     return clip
+
+
+_ACTIVATIONS = {"quick_gelu": "QuickGELU", "gelu": "GELU", None: "no transformer"}
+
+
+def _network(architecture: dict) -> str:
+    """'QuickGELU', or per tower where they differ ('GELU text / QuickGELU image')."""
+    text, image = architecture.get("text_activation"), architecture.get("image_activation")
+    if image is None or image == text:
+        return _ACTIVATIONS.get(text, str(text))
+    return f"{_ACTIVATIONS.get(text, str(text))} text / {_ACTIVATIONS.get(image, str(image))} image"
