@@ -1,20 +1,27 @@
-"""Microbenchmark of the fused ProGrad update (kernels/prograd_update.py) against its two PyTorch baselines.
+"""Microbenchmark of the fused ProGrad update (kernels/prograd_update.py) against its PyTorch baselines.
 
 (a) fused: the two Triton launches; (b) ref: the vectorised PyTorch reference; (c) loop: the paper's way, a Python
-loop over runs and tensors with separate operations and a Python ``if`` on the conflict test.
+loop over runs and tensors with separate operations and a Python ``if`` on the conflict test; (d) cpu_fast: the CPU
+path that ``prograd_update`` takes on CPU tensors without Triton (families of equal segments as strided views, or
+per-segment dots and in-place passes).
 
 On a GPU: ``triton.testing.do_bench`` medians (with 20 % and 80 % quantiles) over segments 1..1024 and segment lengths
 8192 (16 x 512, one context) .. 1M, skipping what does not fit in memory; achieved GB/s counts the bytes the update
 must move (read g_d, g_g, param, momentum; write param, momentum) and is compared with a measured device copy of the
 same number of bytes. Rows are appended to bench/results/prograd_update.csv.
 
-Without a GPU: says so, runs the fused kernels on the Triton interpreter against the reference on a small case, times
-(b) and (c) on the CPU (wall-clock medians, a few seconds in all) into bench/results/prograd_update_cpu.csv, exits 0.
+Without a GPU: says so, runs the fused kernels on the Triton interpreter against the reference on a small case, checks
+(d) against (b) on every case, then times (b), (c) and (d) on the CPU, interleaved round-robin so that they share the
+machine's load (wall-clock medians and 20 % / 80 % quantiles, about a minute per thread count), at each thread count
+of --threads, into bench/results/prograd_update_cpu.csv (the device column names the thread count), exits 0. The CPU
+cases: S x L equal segments (as before), runs of three tensors of very different lengths (8192 + 65536 + 32 per run:
+a 16 x 512 context, a larger tensor, a bias) for 4 and 32 runs, and 64 segments of random lengths (no period).
 
 Usage:
-    python bench/bench_prograd_update.py            # full sweep on a GPU, the CPU path otherwise
-    python bench/bench_prograd_update.py --quick    # a smaller sweep
-    python bench/plot_prograd_update.py             # PNG plots of the CSVs
+    python bench/bench_prograd_update.py                # full sweep on a GPU, the CPU path otherwise
+    python bench/bench_prograd_update.py --quick        # a smaller sweep
+    python bench/bench_prograd_update.py --threads 1    # CPU: one thread count only (default 1,2)
+    python bench/plot_prograd_update.py                 # PNG plots of the CSVs
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import interleaved, time_once
 
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
@@ -38,6 +46,7 @@ if not HAS_CUDA:
 
 from fastprompt.kernels.prograd_update import (  # noqa: E402  (after TRITON_INTERPRET is set)
     prograd_update,
+    prograd_update_cpu,
     prograd_update_loop,
     prograd_update_ref,
     use_triton,
@@ -50,6 +59,20 @@ FIELDS = [
     "elements", "bytes", "median_ms", "q20_ms", "q80_ms", "gbps", "copy_gbps", "fraction_of_copy",
 ]  # fmt: skip
 IMPLS = {"fused": prograd_update, "ref": prograd_update_ref, "loop": prograd_update_loop}
+CPU_IMPLS = {"ref": prograd_update_ref, "loop": prograd_update_loop, "cpu_fast": prograd_update_cpu}
+CPU_UNIFORM = [(1, 8192), (16, 8192), (128, 8192), (1, 1 << 17), (16, 1 << 17)]
+RUN_TENSORS = [8192, 65536, 32]  # per run: a 16 x 512 context, a larger tensor, a bias
+RANDOM_LENGTHS = (64, 16384)  # segments, longest length: random lengths from 1, no period
+
+
+def cpu_cases() -> list[tuple[str, list[int]]]:
+    """(segment_length label, segment lengths) of every CPU case."""
+    cases = [(str(length), [length] * segments) for segments, length in CPU_UNIFORM]
+    cases += [("+".join(map(str, RUN_TENSORS)), RUN_TENSORS * runs) for runs in (4, 32)]
+    count, longest = RANDOM_LENGTHS
+    lengths = torch.randint(1, longest + 1, (count,), generator=torch.Generator().manual_seed(64)).tolist()
+    cases.append((f"random 1..{longest}", lengths))
+    return cases
 
 
 def git_commit() -> str:
@@ -86,11 +109,18 @@ def environment(device: torch.device) -> dict:
 
 
 def make_inputs(segments: int, length: int, device: torch.device, grad_dtype=torch.float32, seed: int = 0) -> dict:
-    """Arguments of prograd_update: half the segments conflict, momentum already initialised (the steady state)."""
+    """Arguments of prograd_update for `segments` segments of `length` (see make_inputs_for_lengths)."""
+    return make_inputs_for_lengths([length] * segments, device, grad_dtype, seed)
+
+
+def make_inputs_for_lengths(lengths: list[int], device: torch.device, grad_dtype=torch.float32, seed: int = 0) -> dict:
+    """Arguments of prograd_update: even segments conflict, odd ones agree; momentum initialised (the steady state)."""
     gen = torch.Generator(device=device).manual_seed(seed)
-    num_elements = segments * length
+    segments, num_elements = len(lengths), sum(lengths)
+    length_tensor = torch.tensor(lengths, dtype=torch.int64, device=device)
     g_d = torch.randn(num_elements, device=device, generator=gen)
-    sign = torch.where(torch.arange(segments, device=device) % 2 == 0, -1.0, 1.0).repeat_interleave(length)
+    sign = torch.where(torch.arange(segments, device=device) % 2 == 0, -1.0, 1.0)
+    sign = sign.repeat_interleave(length_tensor, output_size=num_elements)
     g_g = sign * 0.5 * g_d + torch.randn(num_elements, device=device, generator=gen)
     scalars = dict(dtype=torch.float32, device=device)
     return dict(
@@ -98,7 +128,7 @@ def make_inputs(segments: int, length: int, device: torch.device, grad_dtype=tor
         momentum_buf=torch.randn(num_elements, device=device, generator=gen),
         g_d=g_d.to(grad_dtype),
         g_g=g_g.to(grad_dtype),
-        offsets=torch.arange(segments + 1, dtype=torch.int64, device=device) * length,
+        offsets=torch.cat([length_tensor.new_zeros(1), length_tensor.cumsum(0)]),
         lam=torch.full((segments,), 1.0, **scalars),
         lr=torch.full((segments,), 1e-3, **scalars),
         momentum=torch.full((segments,), 0.9, **scalars),
@@ -168,8 +198,10 @@ def write_rows(path: Path, rows: list[dict]) -> None:
     print(f"appended {len(rows)} rows to {path.relative_to(ROOT)}")
 
 
-def row(env, mode, impl, grad_dtype, segments, length, timing, copy_gbps) -> dict:
-    num_elements = segments * length
+def row(env, mode, impl, grad_dtype, segments, length, timing, copy_gbps, num_elements=None) -> dict:
+    """One CSV row; `length` is the segment length, or a label for a case of unequal segments (then give
+    num_elements)."""
+    num_elements = segments * length if num_elements is None else num_elements
     moved = bytes_moved(num_elements, grad_dtype)
     gbps = moved / (timing[0] * 1e-3) / 1e9
     return dict(
@@ -215,27 +247,53 @@ def run_gpu(quick: bool) -> None:
     write_rows(RESULTS / "prograd_update.csv", rows)
 
 
-def run_cpu() -> None:
-    print("no CUDA device: no GPU timings. Running the interpreter correctness check and timing the CPU baselines.")
+def cpu_check(case: dict) -> None:
+    """cpu_fast against the reference on a copy of `case`: benchmarks only count when the results agree."""
+    fast = {k: v.clone() for k, v in case.items()}
+    ref = {k: v.clone() for k, v in case.items()}
+    fast_stats, ref_stats = prograd_update_cpu(**fast), prograd_update_ref(**ref)
+    errors = [relative_error(fast[name], ref[name]) for name in ("param", "momentum_buf")]
+    errors += [relative_error(getattr(fast_stats, name), getattr(ref_stats, name)) for name in ("dot", "gd_sq", "cos")]
+    if max(errors) > 1e-5 or not torch.equal(fast_stats.conflict, ref_stats.conflict):  # tests/numerics.py fp32 floor
+        raise SystemExit(f"cpu_fast disagrees with the reference (relative errors {errors}): not timed")
+
+
+def run_cpu(threads: list[int], seconds_per_case: float) -> None:
+    print("no CUDA device: no GPU timings. Running the interpreter correctness check and timing the CPU paths.")
     interpreter_check()
-    # One thread: on a small shared machine, intra-op threads that wait on each other make the medians meaningless.
-    torch.set_num_threads(1)
     device = torch.device("cpu")
-    env = environment(device)
     rows = []
-    for segments, length in [(1, 8192), (16, 8192), (128, 8192), (1, 1 << 17), (16, 1 << 17)]:
-        case = make_inputs(segments, length, device)
-        moved = bytes_moved(segments * length, torch.float32)
-        source = torch.empty(moved // 2, dtype=torch.uint8)
-        target = torch.empty_like(source)
-        copy_ms = wall_clock_ms(lambda s=source, t=target: t.copy_(s))[0]
-        copy_gbps = moved / (copy_ms * 1e-3) / 1e9
-        for impl in ("ref", "loop"):
-            timing = wall_clock_ms(lambda fn=IMPLS[impl], c=case: fn(**c))
-            rows.append(row(env, "cpu", impl, torch.float32, segments, length, timing, copy_gbps))
+    for thread_count in threads:
+        # On a small shared machine, intra-op threads wait on each other at every parallel op: read the 1-thread rows
+        # first (bench/results/README.md).
+        torch.set_num_threads(thread_count)
+        env = environment(device)
+        print(f"{env['device']}:")
+        for label, lengths in cpu_cases():
+            segments, num_elements = len(lengths), sum(lengths)
+            case = make_inputs_for_lengths(lengths, device)
+            cpu_check(case)
+            moved = bytes_moved(num_elements, torch.float32)
+            source = torch.empty(moved // 2, dtype=torch.uint8)
+            target = torch.empty_like(source)
+            copy_ms = wall_clock_ms(lambda s=source, t=target: t.copy_(s))[0]
+            copy_gbps = moved / (copy_ms * 1e-3) / 1e9
+            source = target = None
+            fns = {impl: (lambda fn=fn, c=case: fn(**c)) for impl, fn in CPU_IMPLS.items()}
+            one_round = sum(time_once(fn) for fn in fns.values())
+            repeats = max(7, min(41, int(seconds_per_case / one_round)))
+            times = interleaved(fns, repeats, warmup=1)
+            medians = {}
+            for impl, samples in times.items():
+                samples_ms = [t * 1e3 for t in samples]
+                deciles = statistics.quantiles(samples_ms, n=10)
+                timing = (statistics.median(samples_ms), deciles[1], deciles[7])
+                medians[impl] = timing[0]
+                rows.append(row(env, "cpu", impl, torch.float32, segments, label, timing, copy_gbps, num_elements))
             print(
-                f"{impl:5s} S={segments:4d} L={length:7d}: {timing[0]:8.3f} ms  {rows[-1]['gbps']:>7s} GB/s "
-                f"({rows[-1]['fraction_of_copy']} of copy)"
+                f"  S={segments:4d} L={label:>18s}: "
+                + "  ".join(f"{impl} {ms:8.3f} ms" for impl, ms in medians.items())
+                + f"  cpu_fast/loop {medians['cpu_fast'] / medians['loop']:.2f} ({repeats} rounds)"
             )
     write_rows(RESULTS / "prograd_update_cpu.csv", rows)
 
@@ -243,12 +301,14 @@ def run_cpu() -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a smaller GPU sweep")
+    parser.add_argument("--threads", default="1,2", help="CPU: torch thread counts to time, comma-separated (1,2)")
+    parser.add_argument("--seconds-per-case", type=float, default=4.0, help="CPU: time budget of one case (4)")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     if HAS_CUDA:
         run_gpu(args.quick)
     else:
-        run_cpu()
+        run_cpu([int(n) for n in args.threads.split(",")], args.seconds_per_case)
     return 0
 
 

@@ -41,6 +41,11 @@ chunk per segment, so an empty segment still gets its statistics written). Two l
 A program finds its segment by a binary search over the cumulative chunk counts, so the grid does not depend on how the
 lengths are distributed. The chunk length grows with sqrt(N) so that a segment never has more than ``CHUNK / 16``
 partials: the redundant re-reduction then costs at most a few percent of the update's own memory traffic.
+
+On CPU tensors without Triton, ``prograd_update_cpu`` does the same maths in plain PyTorch with as few passes as eager
+operations allow: every run's copy of a short tensor is updated at once through a (runs, L) strided view, long segments
+one at a time with dot products and in-place passes (its docstring and docs/kernels.md). ``prograd_update_ref`` stays
+the plain vectorised reference that the tests compare everything with.
 """
 
 from __future__ import annotations
@@ -58,7 +63,7 @@ except ImportError:  # triton is Linux-only (pyproject.toml); the reference serv
     triton = None
     tl = None
 
-__all__ = ["UpdateStats", "prograd_update", "prograd_update_loop", "prograd_update_ref"]
+__all__ = ["UpdateStats", "prograd_update", "prograd_update_cpu", "prograd_update_loop", "prograd_update_ref"]
 
 GRADIENT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -136,9 +141,11 @@ def _segment_ids(offsets: torch.Tensor, num_elements: int, device: torch.device)
 def _decide(dot, gg_sq, gd_sq, lam):
     """Per-segment projection coefficient, cosine and conflict flag, all (S,) fp32 (the kernel does the same)."""
     conflict = (dot < 0) & (gg_sq > 0)
-    coef = torch.where(conflict, lam * dot / torch.where(gg_sq > 0, gg_sq, 1.0), 0.0)
+    # The quotients are computed everywhere and the entries without a conflict (or with a zero norm) masked to 0:
+    # torch.where with Python scalars gives the same values but costs twice as much on the CPU.
+    coef = (lam * dot / gg_sq).masked_fill_(~conflict, 0.0)
     norms = gd_sq.sqrt() * gg_sq.sqrt()
-    cos = torch.where(norms > 0, dot / torch.where(norms > 0, norms, 1.0), 0.0).clamp(-1.0, 1.0)
+    cos = (dot / norms).masked_fill_(~(norms > 0), 0.0).clamp_(-1.0, 1.0)
     return coef, cos, conflict
 
 
@@ -233,6 +240,203 @@ def prograd_update_loop(param, momentum_buf, g_d, g_g, offsets, lam, lr, momentu
             buf.mul_(momenta[s]).add_(grad)
         theta.add_(buf, alpha=-lrs[s])
     return UpdateStats(stats[0], stats[1], stats[2], stats[3], conflict)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The CPU path (no Triton): the reference's maths in the fewest passes that eager PyTorch allows
+# ---------------------------------------------------------------------------------------------------------------------
+
+# Which segments are updated a family at a time (every run's copy of one tensor: a few dozen operations whatever the
+# number of rows, but the reductions write product temporaries) rather than one by one on the row path (about 14
+# operations per segment: dot products, a host decision, four in-place passes with the segment still in cache, no
+# temporary): families of at least 8 rows of segments shorter than 32768. Measured, 1 thread on the benchmark machine
+# (family time / row time, docs/kernels.md): 4 rows, 1.07-1.11 below 32768; 8, 16 and 64 rows, 0.22-0.83 below 32768;
+# from 32768 on, 1.03-1.36 at every row count.
+CPU_FAMILY_MIN_ROWS = 8
+CPU_ROW_MIN_LENGTH = 32768
+# torch.dot (MKL) accumulates in a fixed set of fp32 lanes, so its relative error grows with L: measured 6e-7 for a
+# sum of 131072 squares, 7.6e-6 for 1M (the suite's fp32 floor is 1e-5). Longer segments are cut into chunks of 131072
+# whose dots are then added.
+CPU_DOT_CHUNK = 131072
+# PyTorch runs operations on fewer than 32768 elements (its grain size) on the calling thread, while MKL's dot spreads
+# 8192 elements over every thread: slower (16384 elements: 3.5 us at 2 threads, 2.4 us at 1) and, when another job
+# holds a core, a wait for a descheduled thread (12 ms instead of 2 us, measured on the shared 2-core machine).
+# Shorter dots use PyTorch's multiply and sum (two operations, a temporary of at most 128 KB).
+CPU_MKL_MIN_LENGTH = 32768
+# A family's reductions write their products to a scratch of at most this many elements (1 MB of fp32), reused block
+# by block: the reductions of 128 x 8192 took 0.73 ms, against 2.1 ms with one fresh 4 MB scratch (page faults).
+CPU_REDUCE_BLOCK = 1 << 18
+
+
+def _period(lengths: list[int]) -> int:
+    """Smallest k dividing S with lengths[i + k] == lengths[i]: the buffer repeats k segment lengths S / k times."""
+    num_segments = len(lengths)
+    for period in range(1, num_segments):
+        if num_segments % period == 0 and lengths[period:] == lengths[:-period]:
+            return period
+    return num_segments
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """fp32 dot product of two 1-D tensors: MKL's from CPU_MKL_MIN_LENGTH elements on, PyTorch's own below."""
+    return torch.dot(a, b) if a.numel() >= CPU_MKL_MIN_LENGTH else torch.mul(a, b).sum()
+
+
+def _segment_sums(grad: torch.Tensor, grad_g: torch.Tensor | None) -> list[float]:
+    """One segment's [dot, gg_sq, gd_sq] as fp32 values (dot = gg_sq = 0 without G_g): dots over chunks of at most
+    CPU_DOT_CHUNK elements, the chunks' dots added in fp32."""
+    grads = grad.split(CPU_DOT_CHUNK) if grad.numel() > CPU_DOT_CHUNK else (grad,)
+    if grad_g is None:
+        terms = [_dot(part, part) for part in grads]
+    else:
+        grads_g = grad_g.split(CPU_DOT_CHUNK) if grad_g.numel() > CPU_DOT_CHUNK else (grad_g,)
+        terms = [
+            term
+            for part, part_g in zip(grads, grads_g, strict=True)
+            for term in (_dot(part, part_g), _dot(part_g, part_g), _dot(part, part))
+        ]
+    width = len(terms) // len(grads)
+    if len(grads) == 1:
+        sums = [term.item() for term in terms]
+    else:
+        sums = torch.stack(terms).view(-1, width).sum(0).tolist()
+    return sums if grad_g is not None else [0.0, 0.0, *sums]
+
+
+def _segment_step(theta, buf, grad, grad_g, sums, lam, lr, momentum, weight_decay, restart) -> list:
+    """Row path: one segment's projection (decided on the host from its fp32 sums, by ``_decide``'s rule) and SGD step.
+
+    Four in-place passes, no temporary: buf = g_d + m buf (g_d on a restart), buf -= coef g_g, buf += wd theta,
+    theta -= lr buf. The coefficient and the cosine are computed in double from the fp32 sums (within an ulp or two of
+    the fp32 ones). Returns [dot, gg_sq, gd_sq, cos, conflict].
+    """
+    dot, gg_sq, gd_sq = sums
+    conflict = dot < 0 and gg_sq > 0
+    if restart:
+        buf.copy_(grad)
+    else:
+        torch.add(grad, buf, alpha=momentum, out=buf)
+    if conflict:
+        buf.add_(grad_g, alpha=-(lam * dot / gg_sq))
+    if weight_decay != 0:
+        buf.add_(theta, alpha=weight_decay)
+    theta.add_(buf, alpha=-lr)
+    norms = math.sqrt(gd_sq) * math.sqrt(gg_sq)
+    cos = min(max(dot / norms, -1.0), 1.0) if norms > 0 else 0.0
+    return [dot, gg_sq, gd_sq, cos, conflict]
+
+
+def _family_sums(grad: torch.Tensor, grad_g: torch.Tensor | None, scratch: torch.Tensor) -> list[list[float]]:
+    """[dot, gg_sq, gd_sq] of every row of a (rows, L) family: products into ``scratch``, then fp32 row sums (PyTorch's
+    cascade summation: within about 1e-7 of the reference's fp64 sums), CPU_REDUCE_BLOCK elements at a time."""
+    rows, length = grad.shape
+    step = _block_rows(rows, length)
+    sums = torch.zeros(rows, 3)
+    for start in range(0, rows, step):
+        block = slice(start, start + step)
+        part = grad[block]
+        products = scratch[: part.numel()].view(part.shape)
+        torch.mul(part, part, out=products)
+        torch.sum(products, 1, out=sums[block, 2])
+        if grad_g is not None:
+            part_g = grad_g[block]
+            torch.mul(part, part_g, out=products)
+            torch.sum(products, 1, out=sums[block, 0])
+            torch.mul(part_g, part_g, out=products)
+            torch.sum(products, 1, out=sums[block, 1])
+    return sums.tolist()
+
+
+def _block_rows(rows: int, length: int) -> int:
+    """Rows of a family reduced at once: at most CPU_REDUCE_BLOCK elements (at least one row)."""
+    return max(1, min(rows, CPU_REDUCE_BLOCK // max(length, 1)))
+
+
+def _row_factor(values: list[float], column: torch.Tensor) -> float | torch.Tensor:
+    """A family's per-row factor: a Python float when every row has the same one, else the (rows, 1) column."""
+    return values[0] if values.count(values[0]) == len(values) else column[:, None]
+
+
+def _add_scaled_(target: torch.Tensor, factor: float | torch.Tensor, source: torch.Tensor, sign: float = 1.0) -> None:
+    """target += sign * factor * source in place, for a float factor or a (rows, 1) column."""
+    if isinstance(factor, float):
+        target.add_(source, alpha=sign * factor)
+    else:
+        target.addcmul_(factor, source, value=sign)
+
+
+def prograd_update_cpu(param, momentum_buf, g_d, g_g, offsets, lam, lr, momentum, weight_decay, first_step):
+    """The update on the CPU without Triton: ``prograd_update_ref``'s maths and results, in far fewer passes.
+
+    The flat buffer is read as S / k repeats of k segment lengths (k the smallest such period: 1 when every segment has
+    the same length, the tensors per run when the runs share a layout, S otherwise). Segment j of every repeat belongs
+    to family j, a (S / k, L_j) strided view of each flat tensor. A family of short segments is reduced and updated as
+    a whole, its per-row factors broadcast from (rows, 1) columns (or Python floats when the rows share them); long
+    segments, and families of fewer than CPU_FAMILY_MIN_ROWS rows, take the row path (``_segment_step``). Sums are fp32
+    (cascade row sums, or dots over chunks); fp16 and bf16 gradients are upcast to fp32 once. The projection,
+    first-step and weight-decay rules and the statistics are the reference's (``_decide``). Arguments, checks and
+    results as ``prograd_update_ref``; ValueError on tensors that are not on the CPU.
+    """
+    num_segments = _check_inputs(param, momentum_buf, g_d, g_g, offsets, lam, lr, momentum, weight_decay, first_step)
+    if param.device.type != "cpu":  # it reads every segment's sums on the host: a synchronisation per segment elsewhere
+        raise ValueError(f"prograd_update_cpu takes CPU tensors, got param on {param.device}")
+    bounds = offsets.tolist()
+    lengths = [end - begin for begin, end in zip(bounds[:-1], bounds[1:], strict=True)]
+    period = _period(lengths)
+    rows, row_stride = num_segments // period, bounds[period]
+    if g_d.dtype != torch.float32:  # one upcast pass each: every sum and update below is fp32, as in the reference
+        g_d = g_d.float()
+        g_g = None if g_g is None else g_g.float()
+    lams, lrs, momenta, decays = (values.tolist() for values in (lam, lr, momentum, weight_decay))
+    restarts = [first or rate == 0 for first, rate in zip(first_step.tolist(), momenta, strict=True)]
+
+    def family_view(tensor: torch.Tensor, j: int) -> torch.Tensor:
+        return tensor.as_strided((rows, lengths[j]), (row_stride, 1), tensor.storage_offset() + bounds[j])
+
+    families = [j for j in range(period) if rows >= CPU_FAMILY_MIN_ROWS and lengths[j] < CPU_ROW_MIN_LENGTH]
+    scratch = torch.empty(max((_block_rows(rows, lengths[j]) * lengths[j] for j in families), default=0))
+    sums: list = [None] * num_segments  # [dot, gg_sq, gd_sq] per segment, and [cos, conflict] on the row path
+    for j in range(period):
+        if j in families:
+            sums[j::period] = _family_sums(family_view(g_d, j), None if g_g is None else family_view(g_g, j), scratch)
+            continue
+        for s in range(j, num_segments, period):
+            begin, end = bounds[s], bounds[s + 1]
+            grad, grad_g = g_d[begin:end], None if g_g is None else g_g[begin:end]
+            sums[s] = _segment_step(
+                param[begin:end], momentum_buf[begin:end], grad, grad_g, _segment_sums(grad, grad_g),
+                lams[s], lrs[s], momenta[s], decays[s], restarts[s],
+            )  # fmt: skip
+    if not families:  # every decision was taken on the host: its statistics cost two tensors, not a vectorised pass
+        dot, gg_sq, gd_sq, cos, conflict = zip(*sums, strict=True)
+        dot, gg_sq, gd_sq, cos = torch.tensor([dot, gg_sq, gd_sq, cos], dtype=torch.float32).unbind()
+        return UpdateStats(dot, gg_sq, gd_sq, cos, torch.tensor(conflict, dtype=torch.bool))
+
+    dot, gg_sq, gd_sq = torch.tensor([[row[k] for row in sums] for k in range(3)], dtype=torch.float32).unbind()
+    if g_g is None:
+        coef, cos, conflict = None, torch.zeros_like(dot), torch.zeros(num_segments, dtype=torch.bool)
+    else:
+        coef, cos, conflict = _decide(dot, gg_sq, gd_sq, lam)
+    conflicts = conflict.tolist()
+    for j in families:
+        theta, buf, grad = family_view(param, j), family_view(momentum_buf, j), family_view(g_d, j)
+        restarted = [i for i in range(rows) if restarts[i * period + j]]
+        if len(restarted) == rows:
+            buf.copy_(grad)
+        else:
+            if restarted:  # zeroed, so that m * buf adds nothing (a first step's buffer may hold anything)
+                buf.index_fill_(0, torch.tensor(restarted), 0.0)
+            factor = _row_factor(momenta[j::period], momentum.view(rows, period)[:, j])
+            if isinstance(factor, float):
+                torch.add(grad, buf, alpha=factor, out=buf)
+            else:
+                torch.addcmul(grad, factor, buf, out=buf)
+        if coef is not None and any(conflicts[j::period]):
+            buf.addcmul_(coef.view(rows, period)[:, j, None], family_view(g_g, j), value=-1.0)
+        if any(decays[j::period]):
+            _add_scaled_(buf, _row_factor(decays[j::period], weight_decay.view(rows, period)[:, j]), theta)
+        _add_scaled_(theta, _row_factor(lrs[j::period], lr.view(rows, period)[:, j]), buf, sign=-1.0)
+    return UpdateStats(dot, gg_sq, gd_sq, cos, conflict)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -482,8 +686,8 @@ def use_triton(device: torch.device) -> bool:
 def prograd_update(param, momentum_buf, g_d, g_g, offsets, lam, lr, momentum, weight_decay, first_step) -> UpdateStats:
     """ProGrad's projection and SGD step for every segment of a flat buffer, in place (module docstring: the maths).
 
-    Runs the fused Triton kernels on CUDA tensors and under ``TRITON_INTERPRET=1`` (on the CPU), and
-    ``prograd_update_ref`` otherwise. Deterministic: the same inputs give the same bits.
+    Runs the fused Triton kernels on CUDA tensors and under ``TRITON_INTERPRET=1`` (on the CPU), ``prograd_update_cpu``
+    on other CPU tensors, and ``prograd_update_ref`` elsewhere. Deterministic: the same inputs give the same bits.
 
     Args:
         param: (N,) fp32 contiguous flat buffer of all runs' trainable tensors, updated in place.
@@ -506,4 +710,6 @@ def prograd_update(param, momentum_buf, g_d, g_g, offsets, lam, lr, momentum, we
     """
     if use_triton(param.device):
         return _launch(param, momentum_buf, g_d, g_g, offsets, lam, lr, momentum, weight_decay, first_step)
+    if param.device.type == "cpu":
+        return prograd_update_cpu(param, momentum_buf, g_d, g_g, offsets, lam, lr, momentum, weight_decay, first_step)
     return prograd_update_ref(param, momentum_buf, g_d, g_g, offsets, lam, lr, momentum, weight_decay, first_step)

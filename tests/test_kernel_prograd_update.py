@@ -1,7 +1,8 @@
 """The fused ProGrad update (kernels/prograd_update.py) against its references and against torch.optim.SGD.
 
 The default tier runs the Triton kernels on the CPU interpreter (conftest sets TRITON_INTERPRET=1 without CUDA); bf16
-needs real hardware and is marked `gpu`. Tolerances come from tests/numerics.py. The kernel and the reference both
+needs real hardware and is marked `gpu`. The CPU path (`prograd_update_cpu`, plain PyTorch) is compared with the
+reference in every tier, bf16 included. Tolerances come from tests/numerics.py. The kernel and the reference both
 compute in fp32 on the same (upcast) gradients, so fp16 and bf16 gradients are held to the fp32 floor as well.
 """
 
@@ -10,7 +11,7 @@ from __future__ import annotations
 import fastprompt.kernels.prograd_update as pu
 import pytest
 import torch
-from fastprompt.kernels.prograd_update import UpdateStats, prograd_update, prograd_update_ref
+from fastprompt.kernels.prograd_update import UpdateStats, prograd_update, prograd_update_cpu, prograd_update_ref
 from numerics import assert_close, relative_error
 
 CPU = torch.device("cpu")
@@ -346,16 +347,181 @@ def test_deterministic_and_dispatch():
     assert isinstance(stats_first, UpdateStats)
 
 
-def test_dispatch_falls_back_to_reference(monkeypatch):
+def test_dispatch_uses_the_cpu_path(monkeypatch):
+    """Without CUDA and without the interpreter, prograd_update is the CPU path (the same bits)."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    if torch.cuda.is_available():
-        pytest.skip("on a CUDA machine CPU tensors have no Triton path to avoid")
     assert not pu.use_triton(CPU)
     case = make_case([4, 40], ["conflict", "agree"], seed=1)
     got, want = clone_case(case), clone_case(case)
-    prograd_update(**got)
-    prograd_update_ref(**want)
-    assert torch.equal(got["param"], want["param"])
+    got_stats = prograd_update(**got)
+    want_stats = prograd_update_cpu(**want)
+    assert torch.equal(got["param"], want["param"]) and torch.equal(got["momentum_buf"], want["momentum_buf"])
+    for a, b in zip(got_stats, want_stats, strict=True):
+        assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The CPU path against the reference (no Triton: runs everywhere)
+# ---------------------------------------------------------------------------------------------------------------------
+
+RELATIONS = ("conflict", "agree", "mixed", "orthogonal", "zero_gg")
+# Layouts of the flat buffer, chosen to reach every branch of prograd_update_cpu: one family of equal segments,
+# runs of several tensors (families and, for long tensors or few runs, the row path), no period at all, chunked dots.
+CPU_SHAPES = {
+    "tiny": [1],
+    "non_power_of_two": [1000],
+    "equal_segments": [257] * 16,
+    "runs_of_three_tensors": [384, 96, 32] * 12,
+    "few_runs": [384, 96, 32] * 3,
+    "long_and_short_tensors": [40_000, 4096, 32] * 8,
+    "many_unequal_segments": None,  # 37 segments of lengths 1..200, no period
+    "chunked_dots": [pu.CPU_DOT_CHUNK + 1000, 5],
+}
+
+
+def _cpu_lengths(shape: str) -> list[int]:
+    if CPU_SHAPES[shape] is not None:
+        return CPU_SHAPES[shape]
+    return torch.randint(1, 200, (37,), generator=torch.Generator().manual_seed(37)).tolist()
+
+
+def run_cpu_and_ref(case):
+    """(CPU-path outputs, reference outputs), each (param, momentum_buf, stats), on fresh copies of `case`."""
+    cpu_case, ref_case = clone_case(case), clone_case(case)
+    cpu_stats = prograd_update_cpu(**cpu_case)
+    ref_stats = prograd_update_ref(**ref_case)
+    return (cpu_case["param"], cpu_case["momentum_buf"], cpu_stats), (
+        ref_case["param"],
+        ref_case["momentum_buf"],
+        ref_stats,
+    )
+
+
+def test_cpu_shapes_reach_every_branch():
+    """The layouts above take the paths they are meant to (the thresholds may be retuned)."""
+    assert pu._period([384, 96, 32] * 12) == 3 and pu._period([257] * 16) == 1
+    assert pu._period(_cpu_lengths("many_unequal_segments")) == 37
+    assert pu._period([1, 2, 1, 2, 1]) == 5 and pu._period([7]) == 1
+    assert 12 >= pu.CPU_FAMILY_MIN_ROWS > 3 and 8 >= pu.CPU_FAMILY_MIN_ROWS
+    assert 4096 < pu.CPU_ROW_MIN_LENGTH <= 40_000
+
+
+@pytest.mark.parametrize("shape", list(CPU_SHAPES))
+@pytest.mark.parametrize("first_step", [True, False, None], ids=["first", "later", "mixed_first"])
+def test_cpu_path_matches_reference(shape, first_step):
+    lengths = _cpu_lengths(shape)
+    if shape == "chunked_dots":  # a long independent pair would test fp32 cancellation, not the path
+        relations = ["conflict", "agree"]
+    else:
+        relations = [RELATIONS[s % len(RELATIONS)] for s in range(len(lengths))]
+    case = make_case(lengths, relations, lam=0.8, first_step=first_step, seed=len(lengths))
+    cpu, ref = run_cpu_and_ref(case)
+    assert_matches(cpu, ref, shape)
+
+
+@pytest.mark.parametrize("lengths", [[257] * 16, [384, 96, 0, 32] * 12], ids=["equal_segments", "with_empty"])
+def test_cpu_path_reductions_in_blocks(monkeypatch, lengths):
+    """A scratch of a few rows: the family reductions run block by block, the last block shorter."""
+    monkeypatch.setattr(pu, "CPU_REDUCE_BLOCK", 1000)
+    assert pu._block_rows(16, 257) == 3 and pu._block_rows(12, 384) == 2
+    case = make_case(lengths, [RELATIONS[s % len(RELATIONS)] for s in range(len(lengths))], seed=41)
+    cpu, ref = run_cpu_and_ref(case)
+    assert_matches(cpu, ref, "blocks")
+
+
+@pytest.mark.parametrize("shape", ["equal_segments", "runs_of_three_tensors", "few_runs", "long_and_short_tensors"])
+@pytest.mark.parametrize("relation, expected", [("conflict", True), ("agree", False), ("orthogonal", False)])
+def test_cpu_path_forced_conflict_and_agreement(shape, relation, expected):
+    lengths = CPU_SHAPES[shape]
+    case = make_case(lengths, [relation] * len(lengths), lam=1.0, seed=21)
+    cpu, ref = run_cpu_and_ref(case)
+    assert_matches(cpu, ref, f"{shape} {relation}")
+    assert cpu[2].conflict.tolist() == [expected] * len(lengths)
+    if relation == "orthogonal":  # dot exactly 0: no projection, so exactly the SGD step on G_d
+        assert (cpu[2].dot == 0).all() and (cpu[2].cos == 0).all()
+        plain = clone_case(case)
+        plain["g_g"] = None
+        prograd_update_cpu(**plain)
+        assert torch.equal(cpu[0], plain["param"]) and torch.equal(cpu[1], plain["momentum_buf"])
+
+
+@pytest.mark.parametrize("shape", ["equal_segments", "few_runs", "long_and_short_tensors"])
+def test_cpu_path_zero_g_g_gives_no_nan(shape):
+    lengths = CPU_SHAPES[shape]
+    relations = ["zero_gg" if s % 3 else "conflict" for s in range(len(lengths))]
+    case = make_case(lengths, relations, seed=4)
+    cpu, ref = run_cpu_and_ref(case)
+    assert_matches(cpu, ref, f"{shape} zero g_g")
+    stats = cpu[2]
+    zero = torch.tensor([r == "zero_gg" for r in relations])
+    assert stats.gg_sq[zero].eq(0).all() and stats.cos[zero].eq(0).all() and not stats.conflict[zero].any()
+    assert torch.isfinite(cpu[0]).all() and torch.isfinite(cpu[1]).all()
+
+
+@pytest.mark.parametrize("shape", ["equal_segments", "few_runs", "many_unequal_segments"])
+def test_cpu_path_consecutive_steps(shape):
+    """First step (momentum buffers hold NaN), then steps with momentum, on the same buffers, against the reference."""
+    lengths = _cpu_lengths(shape)
+    num_segments = len(lengths)
+    param = torch.randn(sum(lengths))
+    cpu_param, cpu_buf = param.clone(), torch.full_like(param, float("nan"))
+    ref_param, ref_buf = param.clone(), torch.full_like(param, float("nan"))
+    for step in range(3):
+        relations = [RELATIONS[(s + step) % len(RELATIONS)] for s in range(num_segments)]
+        case = make_case(lengths, relations, seed=200 + step, first_step=step == 0)
+        case["lr"] = torch.full((num_segments,), 0.05)
+        cpu_stats = prograd_update_cpu(**{**case, "param": cpu_param, "momentum_buf": cpu_buf})
+        ref_stats = prograd_update_ref(**{**case, "param": ref_param, "momentum_buf": ref_buf})
+        assert_matches((cpu_param, cpu_buf, cpu_stats), (ref_param, ref_buf, ref_stats), f"{shape} step {step}")
+
+
+@pytest.mark.parametrize("shape", ["equal_segments", "few_runs"])
+def test_cpu_path_per_segment_factors(shape):
+    """Factors that differ between runs (columns on the family path), momentum 0 (a restart) and weight decay 0."""
+    lengths = CPU_SHAPES[shape]
+    num_segments = len(lengths)
+    case = make_case(lengths, [RELATIONS[s % 5] for s in range(num_segments)], seed=31, first_step=False)
+    case["momentum"] = torch.linspace(0.0, 0.95, num_segments)
+    case["weight_decay"][::2] = 0.0
+    case["lam"] = torch.linspace(0.0, 1.0, num_segments)
+    case["momentum_buf"][: lengths[0]] = float("inf")  # momentum 0: the buffer is not read (torch.optim.SGD's rule)
+    cpu, ref = run_cpu_and_ref(case)
+    assert_matches(cpu, ref, shape)
+
+
+@pytest.mark.parametrize("shape", ["equal_segments", "few_runs"])
+def test_cpu_path_without_g_g(shape):
+    lengths = CPU_SHAPES[shape]
+    case = make_case(lengths, ["none"] * len(lengths), seed=2)
+    assert case["g_g"] is None
+    cpu, ref = run_cpu_and_ref(case)
+    assert_matches(cpu, ref, f"{shape} no g_g")
+    assert not cpu[2].conflict.any() and (cpu[2].dot == 0).all() and (cpu[2].cos == 0).all()
+
+
+@pytest.mark.parametrize("grad_dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", ["non_power_of_two", "equal_segments", "long_and_short_tensors"])
+def test_cpu_path_low_precision_gradients(shape, grad_dtype):
+    """fp16 and bf16 gradients are upcast once; the sums and the update are fp32, as in the reference."""
+    lengths = CPU_SHAPES[shape]
+    relations = [("conflict", "mixed", "agree")[s % 3] for s in range(len(lengths))]
+    case = make_case(lengths, relations, grad_dtype=grad_dtype, seed=9)
+    cpu, ref = run_cpu_and_ref(case)
+    assert_matches(cpu, ref, f"{shape} {grad_dtype}")
+
+
+@pytest.mark.gpu
+def test_cpu_path_takes_cpu_tensors_only():
+    case = make_case([5, 7], ["conflict", "agree"], seed=0, device=CUDA)
+    with pytest.raises(ValueError, match="takes CPU tensors"):
+        prograd_update_cpu(**case)
+
+
+def test_cpu_path_empty_segments():
+    case = make_case([3, 0, 40, 0] * 8, ["conflict", "conflict", "agree", "mixed"] * 8, seed=14)
+    cpu, ref = run_cpu_and_ref(case)
+    assert_matches(cpu, ref, "empty segments")
+    assert cpu[2].gd_sq[1::2].eq(0).all() and not cpu[2].conflict[1::2].any()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -386,7 +552,7 @@ def _bad(case, change):
         (lambda c: dict(momentum_buf=c["param"]), "different buffers"),
     ],
 )
-@pytest.mark.parametrize("fn", [prograd_update, prograd_update_ref])
+@pytest.mark.parametrize("fn", [prograd_update, prograd_update_ref, prograd_update_cpu])
 def test_bad_inputs_raise_value_error(change, message, fn):
     case = make_case([5, 7], ["conflict", "agree"], seed=0)
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
