@@ -86,7 +86,8 @@ def train_command(
     from fastprompt.cache.loader import FeatureCache
     from fastprompt.train.config import expand_sweep, load_sweep_file
     from fastprompt.train.results import summary_table
-    from fastprompt.train.sweep import SweepOptions, load_cache_clip, run_sweep
+    from fastprompt.cache.network import load_cache_clip
+    from fastprompt.train.sweep import SweepOptions, run_sweep
 
     if not cache.exists():
         raise FastPromptError(f"Cache folder '{cache}' does not exist; build it with `fastprompt cache`.")

@@ -30,7 +30,7 @@ from fastprompt.cache.extract import model_record
 from fastprompt.clip import config_quick_gelu, load_clip, register_model_configs, resolve_quick_gelu
 from fastprompt.errors import FastPromptError
 from fastprompt.testbed import load_testbed_clip
-from fastprompt.train.sweep import load_cache_clip
+from fastprompt.cache.network import load_cache_clip
 
 TINY = "fastprompt-tiny"
 TINY_RESNET = "fastprompt-test-tiny-rn"
@@ -233,3 +233,17 @@ def test_cli_options(registry, tmp_path):
     assert contradicted.exit_code == 2 and "drop --no-quick-gelu" in contradicted.output
     trained = runner.invoke(app, train)
     assert trained.exit_code == 0, trained.output
+
+
+def test_transfer_refuses_a_target_cache_of_another_network(registry):
+    """Same weights, other network: a transfer target cached with GELU is refused like a training cache."""
+    from fastprompt.train.transfer import TransferTargets
+
+    clip = load_clip(TINY, "quick")
+    record = model_record(clip, "fp32")
+    other = dict(record, architecture=dict(record["architecture"], quick_gelu=False, text_activation="gelu",
+                                           image_activation="gelu"))  # fmt: skip
+    source = _cache(record, "caches/source")
+    with pytest.raises(FastPromptError, match="rebuild the cache") as error:
+        TransferTargets([_cache(other, "caches/target")], source, clip)
+    assert one_sentence(str(error.value)) and "caches/target" in str(error.value)

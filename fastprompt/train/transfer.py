@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from fastprompt.cache.network import check_cache_network
 from fastprompt.errors import FastPromptError
 from fastprompt.templates import coop_template, ensemble_templates, prograd_template, template_prefix
 from fastprompt.zeroshot import accuracy, zero_shot_weights
@@ -59,6 +60,7 @@ class TransferTargets:
                     f"The target cache '{target.path}' was made with other weights than the source cache "
                     f"'{source.path}'; rebuild it with the same --model and --pretrained."
                 )
+            check_cache_network(target, clip)  # same weights can still be another network (QuickGELU vs GELU)
             test = target.split("test")
             features = F.normalize(test.features[:, 0].float(), dim=-1)
             self.targets.append((target, features, test.labels))
