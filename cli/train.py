@@ -84,9 +84,9 @@ def train_command(
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     from fastprompt.cache.loader import FeatureCache
+    from fastprompt.cache.network import load_cache_clip
     from fastprompt.train.config import expand_sweep, load_sweep_file
     from fastprompt.train.results import summary_table
-    from fastprompt.cache.network import load_cache_clip
     from fastprompt.train.sweep import SweepOptions, run_sweep
 
     if not cache.exists():

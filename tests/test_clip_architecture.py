@@ -27,10 +27,10 @@ from typer.testing import CliRunner
 
 import fastprompt.clip as clip_module
 from fastprompt.cache.extract import model_record
+from fastprompt.cache.network import load_cache_clip
 from fastprompt.clip import config_quick_gelu, load_clip, register_model_configs, resolve_quick_gelu
 from fastprompt.errors import FastPromptError
 from fastprompt.testbed import load_testbed_clip
-from fastprompt.cache.network import load_cache_clip
 
 TINY = "fastprompt-tiny"
 TINY_RESNET = "fastprompt-test-tiny-rn"
