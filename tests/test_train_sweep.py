@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -9,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +34,7 @@ from fastprompt.train.config import (
     load_sweep_file,
     resolve,
 )
+from fastprompt.train.engine import RunState
 from fastprompt.train.sweep import SweepOptions, run_sweep
 
 NAMES = ["abyssinian", "bengal", "boxer", "pug", "samoyed"]
@@ -78,8 +81,8 @@ class FakeCache:
     def fewshot(self, shots, seed):
         generator = torch.Generator().manual_seed(seed)
         labels = self._splits["train"].labels
-        chosen = torch.cat([(labels == c).nonzero()[:, 0][torch.randperm(10, generator=generator)[:shots]]
-                            for c in range(len(NAMES))])  # fmt: skip
+        members = [(labels == c).nonzero()[:, 0] for c in range(len(NAMES))]
+        chosen = torch.cat([m[torch.randperm(len(m), generator=generator)[:shots]] for m in members])
         return _Subset(chosen, torch.arange(len(NAMES)), [f"t{i}" for i in chosen.tolist()], [])
 
 
@@ -275,6 +278,55 @@ def test_sigkill_and_restart_equals_uninterrupted(cli_cache, tmp_path):
     assert {r["run_id"]: r["accuracy"] for r in first} == {r["run_id"]: r["accuracy"] for r in second}
 
 
+def test_resume_does_only_the_remaining_steps(tiny, tmp_path, monkeypatch):
+    """A sweep stopped mid-epoch (after a fixed number of engine steps, not after a time) and started again does only
+    each run's remaining steps, and ends where the uninterrupted sweep ends. Training is deterministic, so a restart
+    that ignored the checkpoint would end at the same contexts: the step counts are what shows the resume."""
+    cache = FakeCache(seed=5, per_class=14)
+    fixed = {"dataset": "OxfordPets", "epochs": 4}
+    # One lock-step group: 70 images (2 steps per epoch, 8 in all) and 10 images (1 step per epoch, 4 in all).
+    configs = [*expand_sweep({"method": ["prograd"], "shots": [14]}, fixed),
+               *expand_sweep({"method": ["kd"], "shots": [2]}, fixed)]  # fmt: skip
+    total = {configs[0].run_id: 8, configs[1].run_id: 4}
+    drawn: Counter[str] = Counter()
+    stepped: list[int] = []  # runs stepped per update call
+    next_batch = RunState.next_batch
+
+    def counting_next_batch(self, num_views):
+        drawn[self.config.run_id] += 1
+        return next_batch(self, num_views)
+
+    def counting_update(param, momentum_buf, g_d, g_g, offsets, *rest):
+        stepped.append(offsets.numel() - 1)
+        return prograd_update(param, momentum_buf, g_d, g_g, offsets, *rest)
+
+    monkeypatch.setattr(RunState, "next_batch", counting_next_batch)
+    options = SweepOptions(progress=False, update_fn=counting_update, checkpoint_minutes=1e9)
+    straight = run_sweep(cache, tiny, configs, tmp_path / "straight", options)
+    assert dict(drawn) == total and sum(stepped) == sum(total.values())
+    drawn.clear()
+    stepped.clear()
+    out = tmp_path / "stopped"
+    stop = dataclasses.replace(options, stop_after_steps=3)  # the 70-image run is in the middle of epoch 1
+    assert run_sweep(cache, tiny, configs, out, stop) == []
+    assert all((out / run_id / "checkpoint.pt").exists() for run_id in total)
+    assert dict(drawn) == {run_id: 3 for run_id in total} and sum(stepped) == 6
+    drawn.clear()
+    stepped.clear()
+    resumed = run_sweep(cache, tiny, configs, out, options)
+    assert dict(drawn) == {run_id: steps - 3 for run_id, steps in total.items()}, "the restart redid finished steps"
+    assert sum(stepped) == sum(total.values()) - 6
+    assert not list(out.glob("*/checkpoint.pt"))
+    expected = _contexts(tmp_path / "straight", straight)
+    for run_id, ctx in _contexts(out, resumed).items():
+        assert_close(ctx, expected[run_id], what=f"resumed {run_id}")
+        logs = [(folder / run_id / "log.jsonl").read_text().splitlines() for folder in (tmp_path / "straight", out)]
+        first, second = ([json.loads(line) for line in log] for log in logs)
+        assert [(r["epoch"], r["lr"]) for r in first] == [(r["epoch"], r["lr"]) for r in second]
+        assert [r["loss"] for r in second] == pytest.approx([r["loss"] for r in first], rel=1e-5)
+    assert {r["run_id"]: r["accuracy"] for r in straight} == {r["run_id"]: r["accuracy"] for r in resumed}
+
+
 def test_transfer_targets_score_the_trained_context(tiny, tmp_path):
     source = FakeCache(seed=4)
     same = FakeCache(seed=4)
@@ -285,8 +337,9 @@ def test_transfer_targets_score_the_trained_context(tiny, tmp_path):
     shuffled.classnames = [NAMES[i] for i in order]
     test = shuffled.split("test")
     test.labels = torch.tensor([order.index(int(label)) for label in test.labels])
-    for target in (same, shuffled):  # the zero-shot row uses each target's own template: give them the source's
-        target.manifest = {**target.manifest, "templates": {"coop": "a photo of a {}, a type of pet."}}
+    templates = {"coop": "a photo of a {}, a type of pet.", "prograd": "a type of pet, a photo of a {}."}
+    for target in (same, shuffled):  # zero-shot rows and ProGrad's layout use each target's templates: the source's
+        target.manifest = {**target.manifest, "templates": templates}
     configs = expand_sweep({"method": ["zeroshot", "coop", "prograd"], "seed": [1]},
                            {"dataset": "OxfordPets", "epochs": 2, "shots": 2})  # fmt: skip
     records = run_sweep(source, tiny, configs, tmp_path, SweepOptions(progress=False, targets=[same, shuffled]))
