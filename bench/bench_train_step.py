@@ -18,9 +18,13 @@ All variants run interleaved (round-robin); the table shows medians. Predicted F
 224 x 224 image forward; text tower 2 x 12 layers x 12 x 512^2 = 75.5 MFLOPs per token forward; a backward pass with
 frozen weights computes input gradients only (about one forward's FLOPs); attention scores are not counted.
 
+On CUDA (`--device cuda`) every variant runs on the GPU and each timed call ends with a device synchronisation.
+With another `--model` than RN50 the predicted FLOPs are left empty (the constants below are RN50's).
+
 Usage:
     python bench/bench_train_step.py                 # about 5 minutes on 2 CPU cores
     python bench/bench_train_step.py --repeats 5 --contexts 1 4 15 --out /tmp/train_step.csv
+    python bench/bench_train_step.py --device cuda --contexts 1 15 45 --repeats 20
 """
 
 from __future__ import annotations
@@ -65,9 +69,10 @@ class ReferenceStep:
 
     def __init__(self, clip, classnames, teacher, batch: int, teacher_text_per_step: bool, lam: float = 1.0) -> None:
         model = self.model = clip.model
+        device = model.token_embedding.weight.device
         head = "X " * (N_CTX - len(PREFIX.split())) + PREFIX
-        self.tokens = clip.tokenizer([f"{head} {name}." for name in classnames])
-        self.teacher_tokens = clip.tokenizer([TEMPLATE.format(name) for name in classnames])
+        self.tokens = clip.tokenizer([f"{head} {name}." for name in classnames]).to(device)
+        self.teacher_tokens = clip.tokenizer([TEMPLATE.format(name) for name in classnames]).to(device)
         with torch.no_grad():
             self.embedded = model.token_embedding(self.tokens)
         start = self.embedded[0, 1 : 1 + N_CTX].clone()
@@ -75,13 +80,15 @@ class ReferenceStep:
         self.ctx = torch.nn.Parameter(start)
         self.optimizer = torch.optim.SGD([self.ctx], lr=0.002, momentum=0.9, weight_decay=5e-4)
         generator = torch.Generator().manual_seed(0)
-        self.images = torch.randn(batch, 3, 224, 224, generator=generator)  # already augmented and normalised
-        self.labels = torch.randint(len(classnames), (batch,), generator=generator)
+        size = getattr(model.visual, "image_size", 224)
+        size = size[0] if isinstance(size, (tuple, list)) else size  # RN50: 224
+        self.images = torch.randn(batch, 3, size, size, generator=generator).to(device)  # augmented and normalised
+        self.labels = torch.randint(len(classnames), (batch,), generator=generator).to(device)
         self.teacher = teacher
         self.teacher_text_per_step = teacher_text_per_step
         self.lam = lam
         self.scale = model.logit_scale.exp()
-        self.rows = torch.arange(len(classnames))
+        self.rows = torch.arange(len(classnames), device=device)
         self.eot = self.tokens.argmax(dim=-1)
 
     def image_features(self) -> torch.Tensor:
@@ -139,6 +146,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--contexts", nargs="+", type=int, default=[1, 4, 15], help="fastprompt's P (default 1 4 15)")
     parser.add_argument("--batch", type=int, default=32, help="images per step (default 32)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where every variant runs (cpu)")
+    parser.add_argument("--model", default="RN50", help="open_clip model, random weights (default RN50)")
     parser.add_argument("--prompts", type=Path, default=DEFAULT_PROMPTS, help="clip_prompts.json with class names")
     parser.add_argument("--out", type=Path, default=RESULTS / "train_step.csv", help="CSV to append rows to")
     return parser.parse_args(argv)
@@ -149,13 +158,15 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     start = time.perf_counter()
-    clip = load_clip("RN50")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device here")
+    clip = load_clip(args.model, device=args.device, quick_gelu=True)  # random weights; OpenAI's network (QuickGELU)
     classnames = load_classnames(args.prompts, "OxfordPets")
     k = len(classnames)
     teacher = zero_shot_weights(clip, classnames, TEMPLATE)
     embed_dim = teacher.shape[1]
     features = torch.randn(16 * k, 1, embed_dim, generator=torch.Generator().manual_seed(1))
-    labels = torch.arange(16 * k) % k
+    labels = torch.arange(16 * k) % k  # the engine moves the features to the encoder's device; its indices stay here
 
     variants = {
         "reference_issue": ReferenceStep(clip, classnames, teacher, args.batch, teacher_text_per_step=True),
@@ -166,18 +177,22 @@ def main(argv: list[str] | None = None) -> int:
     for p, engine in engines.items():
         variants[f"fastprompt_P{p}"] = engine.step
     variants["image_tower_x1"] = image_only  # a component of the reference, for the explanation
+    if args.device == "cuda":  # a call's time is until its work is done on the device
+        variants = {name: (lambda fn=fn: (fn(), torch.cuda.synchronize())) for name, fn in variants.items()}
     print(f"Timing {', '.join(variants)} ({args.repeats} rounds after one warm-up step each)...", flush=True)
     times = interleaved(variants, args.repeats, warmup=1)
 
     tokens_sp = shared_prefix_tokens(next(iter(engines.values())).encoder)
     tokens_full = k * 77
+    rn50 = args.model == "RN50"
+    image_gflops, token_gflops = (IMAGE_GFLOPS, TOKEN_GFLOPS) if rn50 else (float("nan"), float("nan"))
     predicted = {  # GFLOP per run-step
-        "reference_issue": 2 * args.batch * IMAGE_GFLOPS + 4 * tokens_full * TOKEN_GFLOPS,
-        "reference_released": 2 * args.batch * IMAGE_GFLOPS + 3 * tokens_full * TOKEN_GFLOPS,
-        "image_tower_x1": args.batch * IMAGE_GFLOPS,
+        "reference_issue": 2 * args.batch * image_gflops + 4 * tokens_full * token_gflops,
+        "reference_released": 2 * args.batch * image_gflops + 3 * tokens_full * token_gflops,
+        "image_tower_x1": args.batch * image_gflops,
     }
     for p in engines:
-        predicted[f"fastprompt_P{p}"] = 3 * tokens_sp * TOKEN_GFLOPS  # forward + two cotangents, per run
+        predicted[f"fastprompt_P{p}"] = 3 * tokens_sp * token_gflops  # forward + two cotangents, per run
     per_run = {name: median(values) / (int(name[12:]) if name.startswith("fastprompt_P") else 1)
                for name, values in times.items()}  # fmt: skip
     notes = {
@@ -190,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         p = int(name[12:]) if name.startswith("fastprompt_P") else 1
         is_step = name != "image_tower_x1"
         speedup = per_run["reference_issue"] / per_run[name] if is_step else None
-        predicted_speedup = predicted["reference_issue"] / predicted[name] if is_step else None
+        predicted_speedup = predicted["reference_issue"] / predicted[name] if is_step and rn50 else None
         rows.append(
             {
                 "variant": name,
@@ -204,12 +219,11 @@ def main(argv: list[str] | None = None) -> int:
                 "speedup_vs_released": f"{per_run['reference_released'] / per_run[name]:.2f}" if is_step else "",
                 "predicted_gflop_per_run_step": f"{predicted[name]:.1f}",
                 "predicted_speedup_vs_issue": f"{predicted_speedup:.2f}" if predicted_speedup else "",
-                "measured_over_predicted": f"{speedup / predicted_speedup:.2f}" if speedup else "",
+                "measured_over_predicted": f"{speedup / predicted_speedup:.2f}" if predicted_speedup else "",
                 "gflops_per_s": f"{predicted[name] / per_run[name]:.1f}",
                 "times_s": " ".join(f"{t:.3g}" for t in values),
-                "note": notes.get(
-                    name, f"LockstepEngine.step, {p} ProGrad run(s), shared prefix {tokens_sp} tokens/run"
-                ),
+                "note": ("" if rn50 else f"model {args.model}; ")
+                + notes.get(name, f"LockstepEngine.step, {p} ProGrad run(s), shared prefix {tokens_sp} tokens/run"),
             }
         )
     columns = ["variant", "P", "median_s", "s_per_run_step", "speedup_vs_issue", "speedup_vs_released",
