@@ -23,6 +23,7 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -88,7 +89,7 @@ def median_seconds(run, repeats: int) -> float:
     return statistics.median(times)
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="fastprompt-tiny")
     parser.add_argument("--pretrained", default=None, help="tag or checkpoint (default: random weights)")
@@ -101,8 +102,19 @@ def main() -> None:
     parser.add_argument("--num-workers", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=None, help="CSV (default bench/results/cache_<device>.csv)")
-    args = parser.parse_args()
-    width, height = (int(side) for side in args.image_size.lower().split("x"))
+    args = parser.parse_args(argv)
+    try:
+        args.width, args.height = (int(side) for side in args.image_size.lower().split("x"))
+    except ValueError:
+        parser.error(f"--image-size must be WIDTHxHEIGHT, e.g. 500x375, got '{args.image_size}'")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    width, height = args.width, args.height
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device here")
 
     torch.manual_seed(0)
     clip = load_clip(args.model, args.pretrained)
@@ -175,8 +187,9 @@ def main() -> None:
         writer.writerow(row)
     for key in FIELDS[5:]:
         print(f"{key:>26}: {row[key]}")
-    print(f"appended to {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
+    print(f"appended to {out.resolve().relative_to(ROOT) if out.resolve().is_relative_to(ROOT) else out}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

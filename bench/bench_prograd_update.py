@@ -19,7 +19,8 @@ a 16 x 512 context, a larger tensor, a bias) for 4 and 32 runs, and 64 segments 
 
 Usage:
     python bench/bench_prograd_update.py                # full sweep on a GPU, the CPU path otherwise
-    python bench/bench_prograd_update.py --quick        # a smaller sweep
+    python bench/bench_prograd_update.py --quick        # a smaller sweep (CPU: two small cases)
+    python bench/bench_prograd_update.py --quick --out /tmp/update.csv    # rows to another CSV
     python bench/bench_prograd_update.py --threads 1    # CPU: one thread count only (default 1,2)
     python bench/plot_prograd_update.py                 # PNG plots of the CSVs
 """
@@ -53,6 +54,7 @@ from fastprompt.kernels.prograd_update import (  # noqa: E402  (after TRITON_INT
 )
 
 ROOT = Path(__file__).resolve().parents[1]
+CPU = torch.device("cpu")
 RESULTS = Path(__file__).resolve().parent / "results"
 FIELDS = [
     "date", "device", "torch", "triton", "commit", "mode", "impl", "grad_dtype", "segments", "segment_length",
@@ -148,12 +150,13 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return float((actual.double() - expected).norm() / expected.norm().clamp_min(1e-300))
 
 
-def interpreter_check() -> None:
-    """The fused kernels on the Triton interpreter against the reference, on a small multi-segment case."""
-    if not use_triton(torch.device("cpu")):
+def interpreter_check(device: torch.device = CPU) -> None:
+    """The fused kernels (on the Triton interpreter on the CPU) against the reference, on a small multi-segment case:
+    benchmarks only count when the results agree."""
+    if not use_triton(device):
         print("interpreter check skipped: triton is not installed")
         return
-    case = make_inputs(5, 1500, torch.device("cpu"), seed=1)
+    case = make_inputs(5, 1500, device, seed=1)
     case["first_step"][::2] = True
     fused = {k: v.clone() for k, v in case.items()}
     ref = {k: v.clone() for k, v in case.items()}
@@ -168,7 +171,7 @@ def interpreter_check() -> None:
     same_flags = torch.equal(fused_stats.conflict, ref_stats.conflict)
     ok = same_flags and all(err <= 1e-5 for err in errors.values())  # the suite's fp32 floor (tests/numerics.py)
     summary = ", ".join(f"{k} {v:.1e}" for k, v in errors.items())
-    print(f"interpreter check (5 segments x 1500, fp32): {'OK' if ok else 'FAILED'}; relative errors {summary}")
+    print(f"{device.type} check (5 segments x 1500, fp32): {'OK' if ok else 'FAILED'}; relative errors {summary}")
     if not ok:
         raise SystemExit("the fused kernels disagree with the reference: benchmarks only count when the tests pass")
 
@@ -195,7 +198,8 @@ def write_rows(path: Path, rows: list[dict]) -> None:
         if new:
             writer.writeheader()
         writer.writerows(rows)
-    print(f"appended {len(rows)} rows to {path.relative_to(ROOT)}")
+    shown = path.resolve().relative_to(ROOT) if path.resolve().is_relative_to(ROOT) else path
+    print(f"appended {len(rows)} rows to {shown}")
 
 
 def row(env, mode, impl, grad_dtype, segments, length, timing, copy_gbps, num_elements=None) -> dict:
@@ -212,14 +216,14 @@ def row(env, mode, impl, grad_dtype, segments, length, timing, copy_gbps, num_el
     )  # fmt: skip
 
 
-def run_gpu(quick: bool) -> None:
+def run_gpu(quick: bool, out: Path) -> None:
     import triton.testing
 
     device = torch.device("cuda")
+    interpreter_check(device)
     env = environment(device)
     segment_counts = [1, 16, 256, 1024] if quick else [1, 4, 16, 64, 256, 1024]
     lengths = [8192, 1 << 20] if quick else [8192, 1 << 15, 1 << 17, 1 << 20]
-    rows = []
     for grad_dtype in (torch.float32, torch.bfloat16):
         for segments in segment_counts:
             for length in lengths:
@@ -235,6 +239,7 @@ def run_gpu(quick: bool) -> None:
                 copy_gbps = moved / (copy_ms * 1e-3) / 1e9
                 source = target = None  # free before the inputs are built
                 case = make_inputs(segments, length, device, grad_dtype)
+                rows = []
                 for impl, fn in IMPLS.items():
                     timing = triton.testing.do_bench(lambda fn=fn, c=case: fn(**c), quantiles=[0.5, 0.2, 0.8])
                     rows.append(row(env, "gpu", impl, grad_dtype, segments, length, timing, copy_gbps))
@@ -242,9 +247,9 @@ def run_gpu(quick: bool) -> None:
                         f"{impl:5s} {str(grad_dtype):15s} S={segments:5d} L={length:8d}: {timing[0]:9.4f} ms "
                         f"{rows[-1]['gbps']:>8s} GB/s ({rows[-1]['fraction_of_copy']} of copy)"
                     )
+                write_rows(out, rows)  # case by case: a sweep stopped by a time limit keeps what it measured
                 case = None
                 torch.cuda.empty_cache()
-    write_rows(RESULTS / "prograd_update.csv", rows)
 
 
 def cpu_check(case: dict) -> None:
@@ -258,7 +263,7 @@ def cpu_check(case: dict) -> None:
         raise SystemExit(f"cpu_fast disagrees with the reference (relative errors {errors}): not timed")
 
 
-def run_cpu(threads: list[int], seconds_per_case: float) -> None:
+def run_cpu(threads: list[int], seconds_per_case: float, quick: bool, out: Path) -> None:
     print("no CUDA device: no GPU timings. Running the interpreter correctness check and timing the CPU paths.")
     interpreter_check()
     device = torch.device("cpu")
@@ -269,7 +274,7 @@ def run_cpu(threads: list[int], seconds_per_case: float) -> None:
         torch.set_num_threads(thread_count)
         env = environment(device)
         print(f"{env['device']}:")
-        for label, lengths in cpu_cases():
+        for label, lengths in cpu_cases()[:: 5 if quick else 1]:  # quick: 1 x 8192 and 4 runs x 3 tensors
             segments, num_elements = len(lengths), sum(lengths)
             case = make_inputs_for_lengths(lengths, device)
             cpu_check(case)
@@ -281,7 +286,7 @@ def run_cpu(threads: list[int], seconds_per_case: float) -> None:
             source = target = None
             fns = {impl: (lambda fn=fn, c=case: fn(**c)) for impl, fn in CPU_IMPLS.items()}
             one_round = sum(time_once(fn) for fn in fns.values())
-            repeats = max(7, min(41, int(seconds_per_case / one_round)))
+            repeats = max(3 if quick else 7, min(41, int(seconds_per_case / one_round)))
             times = interleaved(fns, repeats, warmup=1)
             medians = {}
             for impl, samples in times.items():
@@ -295,20 +300,28 @@ def run_cpu(threads: list[int], seconds_per_case: float) -> None:
                 + "  ".join(f"{impl} {ms:8.3f} ms" for impl, ms in medians.items())
                 + f"  cpu_fast/loop {medians['cpu_fast'] / medians['loop']:.2f} ({repeats} rounds)"
             )
-    write_rows(RESULTS / "prograd_update_cpu.csv", rows)
+    write_rows(out, rows)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a smaller sweep (GPU: 16 cases; CPU: 2 cases)")
+    parser.add_argument("--threads", default="1,2", help="CPU: torch thread counts to time, comma-separated (1,2)")
+    parser.add_argument("--seconds-per-case", type=float, default=4.0, help="CPU: time budget of one case (4)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="CSV to append rows to (default bench/results/prograd_update.csv on a GPU, "
+                        "prograd_update_cpu.csv otherwise)")  # fmt: skip
+    return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a smaller GPU sweep")
-    parser.add_argument("--threads", default="1,2", help="CPU: torch thread counts to time, comma-separated (1,2)")
-    parser.add_argument("--seconds-per-case", type=float, default=4.0, help="CPU: time budget of one case (4)")
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
     torch.manual_seed(0)
     if HAS_CUDA:
-        run_gpu(args.quick)
+        run_gpu(args.quick, args.out or RESULTS / "prograd_update.csv")
     else:
-        run_cpu([int(n) for n in args.threads.split(",")], args.seconds_per_case)
+        threads = [int(n) for n in args.threads.split(",")]
+        run_cpu(threads, args.seconds_per_case, args.quick, args.out or RESULTS / "prograd_update_cpu.csv")
     return 0
 
 

@@ -148,6 +148,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where every variant runs (cpu)")
     parser.add_argument("--model", default="RN50", help="open_clip model, random weights (default RN50)")
+    parser.add_argument("--classes", type=int, default=None, help="the first N OxfordPets classes (default all 37)")
     parser.add_argument("--prompts", type=Path, default=DEFAULT_PROMPTS, help="clip_prompts.json with class names")
     parser.add_argument("--out", type=Path, default=RESULTS / "train_step.csv", help="CSV to append rows to")
     return parser.parse_args(argv)
@@ -161,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device here")
     clip = load_clip(args.model, device=args.device, quick_gelu=True)  # random weights; OpenAI's network (QuickGELU)
-    classnames = load_classnames(args.prompts, "OxfordPets")
+    classnames = load_classnames(args.prompts, "OxfordPets")[: args.classes]
     k = len(classnames)
     teacher = zero_shot_weights(clip, classnames, TEMPLATE)
     embed_dim = teacher.shape[1]

@@ -24,6 +24,16 @@ RESULTS = Path(__file__).resolve().parent / "results"
 # The shared/ folder beside the checkout holds the class names of the benchmark datasets.
 DEFAULT_PROMPTS = Path(__file__).resolve().parents[2] / "shared" / "data" / "clip_prompts.json"
 ENV_FIELDS = ["device", "versions", "commit", "date"]
+# The 37 OxfordPets class names as clip_prompts.json lists them, for a machine that has the checkout but not the
+# shared/ folder beside it (bench/gpu_check.sh on a copy of the tree); tests check that the two lists agree.
+OXFORD_PETS_CLASSNAMES = [
+    "Abyssinian", "Bengal", "Birman", "Bombay", "British Shorthair", "Egyptian Mau", "Maine Coon", "Persian",
+    "Ragdoll", "Russian Blue", "Siamese", "Sphynx", "american bulldog", "american pit bull terrier", "basset hound",
+    "beagle", "boxer", "chihuahua", "english cocker spaniel", "english setter", "german shorthaired",
+    "great pyrenees", "havanese", "japanese chin", "keeshond", "leonberger", "miniature pinscher", "newfoundland",
+    "pomeranian", "pug", "saint bernard", "samoyed", "scottish terrier", "shiba inu", "staffordshire bull terrier",
+    "wheaten terrier", "yorkshire terrier",
+]  # fmt: skip
 
 
 def git_commit(paths: tuple[str, ...] = ("fastprompt", "kernels", "bench")) -> str:
@@ -133,6 +143,9 @@ def load_classnames(prompts: Path, dataset: str) -> list[str]:
 
         return list(IMAGENET_CLASSNAMES)
     if not Path(prompts).is_file():
+        if dataset == "OxfordPets":
+            print(f"{prompts} not found: using the OxfordPets class names built into bench/common.py")
+            return list(OXFORD_PETS_CLASSNAMES)
         raise SystemExit(f"Class-name file {prompts} not found; pass --prompts path/to/clip_prompts.json.")
     data = json.loads(Path(prompts).read_text())
     try:
