@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 from fastprompt.cli.app import app
 
-from fastprompt.errors import FastPromptError
+from fastprompt.errors import FastPromptError, brief
 
 HELP = (
     "Extract image features once into a feature cache (docs/data.md).\n\n"
@@ -32,13 +32,19 @@ HELP = (
 )
 
 
-def _integers(text: str, option: str) -> tuple[int, ...]:
-    if text.strip().lower() in ("", "none", "0"):
+def _integers(text: str, option: str, minimum: int = 0, none_words: tuple[str, ...] = ()) -> tuple[int, ...]:
+    """Comma-separated integers of at least `minimum`; one of `none_words` ("none") gives an empty tuple."""
+    if text.strip().lower() in none_words:
         return ()
     try:
-        return tuple(int(part) for part in text.split(",") if part.strip())
+        values = tuple(int(part) for part in text.split(",") if part.strip())
     except ValueError:
-        raise FastPromptError(f"{option} takes comma-separated integers like 1,2,4, got '{text}'.") from None
+        values = ()
+    if not values:
+        raise FastPromptError(f"{option} takes comma-separated integers like 1,2,4, got {brief(text)}.")
+    if any(value < minimum for value in values):
+        raise FastPromptError(f"{option} takes integers of at least {minimum}, got {brief(text)}.")
+    return values
 
 
 @app.command("cache", help=HELP, no_args_is_help=True)
@@ -65,10 +71,14 @@ def cache_command(
     dtype: Annotated[str, typer.Option(help="Stored feature dtype: fp16 or fp32.")] = "fp16",
     device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N (under torchrun cuda is each rank's GPU).")] = "cpu",
     precision: Annotated[str, typer.Option(help="auto (fp16 autocast on CUDA), fp32, fp16 or bf16.")] = "auto",
-    batch_size: Annotated[int, typer.Option(help="Views per forward pass of the image tower.")] = 256,
-    num_workers: Annotated[int, typer.Option(help="DataLoader workers decoding and augmenting images.")] = 4,
+    batch_size: Annotated[int, typer.Option(min=1, help="Views per forward pass of the image tower.")] = 256,
+    num_workers: Annotated[int, typer.Option(min=0, help="DataLoader workers decoding and augmenting images.")] = 4,
     shard_size: Annotated[str, typer.Option(help="Images per shard (1000) or a size bound (64MB).")] = "1000",
     augmentation_seed: Annotated[int, typer.Option(help="Seed of the augmented views.")] = 0,
+    exif_transpose: Annotated[
+        bool,
+        typer.Option(help="Turn images upright by their EXIF orientation (the reference loader ignores it)."),
+    ] = False,
     fewshot_pkl: Annotated[
         bool, typer.Option(help="Import the reference's split_fewshot/shot_K-seed_S.pkl files instead of sampling.")
     ] = False,
@@ -79,19 +89,22 @@ def cache_command(
 ) -> None:
     import torch
 
-    from fastprompt.cache.extract import SkippedImagesWarning, build_cache
+    from fastprompt.cache.extract import SkippedImagesWarning, build_cache, resolve_precision
     from fastprompt.cache.plan import CacheOptions, fewshot_subsets
     from fastprompt.clip import load_clip
     from fastprompt.data.registry import load_dataset
+    from fastprompt.env import check_device
 
+    resolve_precision(precision, check_device(device))  # before any data or model is read
     options = CacheOptions(
-        shots=_integers(shots, "--shots"),
+        shots=_integers(shots, "--shots", minimum=1, none_words=("", "none", "0")),
         seeds=_integers(seeds, "--seeds"),
         views=views,
         full_train=full_train,
         dtype=dtype,
         shard_size=shard_size,
         augmentation_seed=augmentation_seed,
+        exif_transpose=exif_transpose,
     )
     data = load_dataset(dataset, root, manifest=manifest, classnames_file=classnames, dataset_name=name)
     if fewshot_pkl:

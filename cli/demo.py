@@ -29,13 +29,15 @@ def demo_command(
     out: Annotated[Path | None, typer.Option(help="Folder for data, caches and the sweep.")] = None,
     shots: Annotated[str | None, typer.Option(help="Comma-separated shot counts (default 1,2,4,8,16).")] = None,
     seeds: Annotated[str | None, typer.Option(help="Comma-separated seeds (default 1,2,3).")] = None,
-    epochs: Annotated[int | None, typer.Option(help="Epochs for every run (default: 50/100/200 by shots).")] = None,
+    epochs: Annotated[
+        int | None, typer.Option(min=1, help="Epochs for every run (default: 50/100/200 by shots).")
+    ] = None,
     quick: Annotated[
         bool, typer.Option(help="A reduced demo: 2 shot counts, 2 seeds, 4 epochs, small splits.")
     ] = False,
     plots: Annotated[bool, typer.Option(help="Draw the PNG figures.")] = True,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
-    threads: Annotated[int, typer.Option(help="CPU threads (the tiny model runs fastest on one).")] = 1,
+    threads: Annotated[int, typer.Option(min=1, help="CPU threads (the tiny model runs fastest on one).")] = 1,
 ) -> None:
     from fastprompt.cli.cache import _integers
 
@@ -44,7 +46,7 @@ def demo_command(
     folder = out or default_home()
     options = DemoOptions.quick(folder) if quick else DemoOptions(out=folder)
     if shots:
-        options.shots = _integers(shots, "--shots")
+        options.shots = _integers(shots, "--shots", minimum=1)
     if seeds:
         options.seeds = _integers(seeds, "--seeds")
     if epochs is not None:

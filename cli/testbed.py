@@ -85,12 +85,12 @@ def build_command(
     force: Annotated[bool, typer.Option(help="Rewrite folders that are already built with these settings.")] = False,
 ) -> None:
     """Write the testbed's few-shot datasets in the CoOp layout (images/ and split_zhou_<Name>.json)."""
-    from fastprompt.errors import FastPromptError
+    from fastprompt.errors import FastPromptError, brief
     from fastprompt.testbed import TESTBED_DATASETS, build_testbed
 
     unknown = [name for name in task or [] if name not in TESTBED_DATASETS]
     if unknown:
-        raise FastPromptError(f"Unknown testbed task {', '.join(unknown)}; known: {', '.join(TESTBED_DATASETS)}.")
+        raise FastPromptError(f"Unknown testbed task {brief(unknown)}; known: {', '.join(TESTBED_DATASETS)}.")
     per_class = {"train": train_per_class, "val": val_per_class, "test": test_per_class}
     folders = build_testbed(out, task or None, per_class, seed, force)
     for name, folder in folders.items():

@@ -22,7 +22,7 @@ Examples:
 
   fastprompt train --cache caches/eurosat --out sweeps/lam --methods prograd --lambda 1.0,0.8,0.5 --epochs 50
 
-  fastprompt train --cache caches/imagenet --out sweeps/b2n --setting base2new --shots 4 --class-chunk 250
+  fastprompt train --cache caches/imagenet --out sweeps/b2n --setting base2new --shots 4 --class-chunk auto
 
   fastprompt train --cache caches/pets --out sweeps/file --sweep sweep.toml --dry-run
 
@@ -75,7 +75,13 @@ def train_command(
             help="The network for a cache that does not record it and whose checkpoint does not say (docs/models.md).",
         ),
     ] = None,
-    class_chunk: Annotated[int | None, typer.Option(help="Classes per encoder chunk (bounds memory).")] = None,
+    class_chunk: Annotated[
+        str | None,
+        typer.Option(
+            help="Classes per encoder chunk (bounds memory; exact), or 'auto': the largest chunk that fits in the "
+            "device's free memory (fastprompt/train/memory.py)."
+        ),
+    ] = None,
     checkpoint_minutes: Annotated[float, typer.Option(help="Checkpoint running runs this often.")] = 10.0,
     eval_caches: Annotated[
         str | None, typer.Option(help="Comma-separated target caches to evaluate every trained context on.")
@@ -85,10 +91,18 @@ def train_command(
 ) -> None:
     from fastprompt.cache.loader import FeatureCache
     from fastprompt.cache.network import load_cache_clip
+    from fastprompt.env import check_device
     from fastprompt.train.config import expand_sweep, load_sweep_file
+    from fastprompt.train.memory import parse_class_chunk
     from fastprompt.train.results import summary_table
     from fastprompt.train.sweep import SweepOptions, run_sweep
 
+    check_device(device)
+    chunk = parse_class_chunk(class_chunk)
+    if not checkpoint_minutes >= 0:  # also NaN; 0 is allowed: a checkpoint after every step (SweepOptions)
+        raise FastPromptError(
+            f"--checkpoint-minutes must be a number of minutes >= 0 (0: after every step), got {checkpoint_minutes}."
+        )
     if not cache.exists():
         raise FastPromptError(f"Cache folder '{cache}' does not exist; build it with `fastprompt cache`.")
     features = FeatureCache(cache, device=device)
@@ -119,7 +133,7 @@ def train_command(
         return
     clip = load_cache_clip(features, device=device, quick_gelu=quick_gelu)
     targets = [FeatureCache(Path(path), device=device) for path in _list(eval_caches) or []]
-    options = SweepOptions(device=device, class_chunk=class_chunk, checkpoint_minutes=checkpoint_minutes,
+    options = SweepOptions(device=device, class_chunk=chunk, checkpoint_minutes=checkpoint_minutes,
                            progress=progress, targets=targets)  # fmt: skip
     records = run_sweep(features, clip, configs, out, options)
     wanted = {c.run_id for c in configs}

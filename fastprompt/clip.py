@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from fastprompt.errors import FastPromptError
+from fastprompt.errors import FastPromptError, brief
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TINY_MODEL = "fastprompt-tiny"
@@ -135,7 +135,7 @@ def _check_model_name(name: str) -> None:
         close = difflib.get_close_matches(name, known, n=4, cutoff=0.5)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
         raise FastPromptError(
-            f"Unknown model name '{name}'.{hint} `python -c \"import open_clip; print(open_clip.list_models())\"` "
+            f'Unknown model name {brief(name)}.{hint} `python -c "import open_clip; print(open_clip.list_models())"` '
             f"lists them all; `{TINY_MODEL}` is fastprompt's tiny test model."
         )
 
@@ -153,7 +153,8 @@ def _check_pretrained(name: str, pretrained: str) -> str:
         raise FastPromptError(f"Checkpoint file '{pretrained}' does not exist; check the path.")
     listed = ", ".join(tags) if tags else "none"
     raise FastPromptError(
-        f"'{pretrained}' is neither a pretrained tag of {name} (known tags: {listed}) nor an existing checkpoint file."
+        f"{brief(pretrained)} is neither a pretrained tag of {name} (known tags: {listed}) nor an existing checkpoint "
+        f"file."
     )
 
 

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import functools
 import platform
+import re
 import subprocess
 from importlib import metadata
 from pathlib import Path
 
 import torch
+
+from fastprompt.errors import FastPromptError, brief
 
 
 def _version(package: str) -> str:
@@ -34,6 +37,29 @@ def device_names() -> list[str]:
     if torch.cuda.is_available():
         return [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     return []
+
+
+def check_device(device: str) -> str:
+    """`device` when this machine has it: "cpu", "cuda" or "cuda:N" ("mps" on Apple silicon).
+
+    Commands check their --device before reading any data, so that a typo or a missing GPU is one sentence at once.
+
+    Raises:
+        FastPromptError: another spelling, or a GPU this machine does not have.
+    """
+    match = re.fullmatch(r"(cpu|cuda|mps)(?::([0-9]+))?", device)
+    if match is None or (match.group(1) != "cuda" and match.group(2) not in (None, "0")):
+        raise FastPromptError(f"Unknown device {brief(device)}; use cpu, cuda or cuda:N.")
+    kind, index = match.groups()
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise FastPromptError(f"--device {device}: this machine has no usable CUDA GPU; use --device cpu.")
+    if kind == "cuda" and index is not None and int(index) >= torch.cuda.device_count():
+        raise FastPromptError(
+            f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s), numbered from 0."
+        )
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise FastPromptError("--device mps: this machine has no usable Apple GPU; use --device cpu.")
+    return device
 
 
 def environment() -> dict[str, str]:

@@ -309,9 +309,9 @@ def test_each_image_is_decoded_once_and_each_view_encoded_once(toy, tmp_path, mo
 
     decoded_paths = []
 
-    def counting_load_rgb(path):
+    def counting_load_rgb(path, **options):
         decoded_paths.append(path)
-        return load_rgb(path)
+        return load_rgb(path, **options)
 
     monkeypatch.setattr(decode, "load_rgb", counting_load_rgb)
     with pytest.warns(SkippedImagesWarning):

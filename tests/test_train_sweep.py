@@ -144,6 +144,31 @@ def test_class_chunks_are_exact(tiny, tmp_path):
         assert_close(_contexts(tmp_path / "chunked", chunked)[run_id], ctx, what=f"chunked {run_id}")
 
 
+def test_auto_class_chunk_is_exact(tiny, tmp_path, monkeypatch):
+    """`class_chunk="auto"` with a faked free-memory figure that fits 2 of the 5 classes per chunk trains exactly as
+    all classes at once (ProGrad: two cotangents)."""
+    from fastprompt.train import memory
+
+    cache = FakeCache(seed=2)
+    configs = expand_sweep({"method": ["prograd"], "seed": [1]}, {"dataset": "OxfordPets", "epochs": 3, "shots": 2})
+    chosen = []
+
+    def auto(encoder, runs, cotangents=2, batch_size=32, free_bytes=None):
+        need = memory.step_memory(encoder, runs, 2, cotangents, batch_size).total
+        free = int(memory.safety(encoder.device) * need) + 1
+        monkeypatch.setattr(memory, "free_memory", lambda device: free)
+        chosen.append(original(encoder, runs, cotangents, batch_size))
+        return chosen[-1]
+
+    original = memory.auto_class_chunk
+    monkeypatch.setattr(memory, "auto_class_chunk", auto)
+    whole = run_sweep(cache, tiny, configs, tmp_path / "whole", SweepOptions(progress=False))
+    automatic = run_sweep(cache, tiny, configs, tmp_path / "auto", SweepOptions(progress=False, class_chunk="auto"))
+    assert chosen == [2], "auto should pick the faked figure's chunk of 2 classes"
+    for run_id, ctx in _contexts(tmp_path / "whole", whole).items():
+        assert_close(_contexts(tmp_path / "auto", automatic)[run_id], ctx, what=f"auto-chunked {run_id}")
+
+
 def test_diverging_run_fails_and_others_go_on(tiny, tmp_path):
     cache = FakeCache(seed=3)
     configs = expand_sweep({"method": ["coop"], "seed": [1, 2], "shots": [2]}, {"dataset": "OxfordPets", "epochs": 2})

@@ -48,8 +48,8 @@ class ViewDataset(TorchDataset):
     def __getitem__(self, index: int) -> DecodedImage:
         task = self.tasks[index]
         try:
-            image = load_rgb(task.path)
-        except Exception as error:  # any decoder failure (missing, truncated, not an image) skips the image
+            image = load_rgb(task.path, exif_transpose=self.transform.exif_transpose)
+        except Exception as error:  # any decoder failure (missing, empty, truncated, too large, not an image) skips it
             message = str(error).replace(task.path, task.key)
             return DecodedImage(index, None, f"{type(error).__name__}: {message}"[:200])
         if task.augmented:

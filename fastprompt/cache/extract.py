@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from fastprompt.atomic import full_disk_reported
 from fastprompt.cache import ranks as rank_tools
 from fastprompt.cache.decode import ViewDataset, ViewTask, keep_as_list, shard_bounded_batches
 from fastprompt.cache.plan import CacheOptions, CachePlan, ShardPlan, fewshot_subsets, make_plan
@@ -28,15 +29,18 @@ from fastprompt.cache.records import (
     check_folder,
     done_shards,
     plan_record,
+    remove_stale_files,
     start_folder,
     write_json_atomic,
     write_shard_record,
 )
 from fastprompt.cache.shards import Sample, write_shard
 from fastprompt.data.transforms import ViewTransform
-from fastprompt.errors import FastPromptError
+from fastprompt.errors import FastPromptError, brief
+from fastprompt.locks import FolderLock
 
 AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+KEPT = "finished shards are kept"  # what a full disk leaves (fastprompt.atomic.full_disk_reported)
 
 
 class SkippedImagesWarning(UserWarning):
@@ -76,7 +80,7 @@ def resolve_precision(precision: str, device: str) -> str:
     if precision == "auto":
         return "fp16" if device.startswith("cuda") else "fp32"
     if precision not in ("fp32", "fp16", "bf16"):
-        raise FastPromptError(f"Unknown precision '{precision}'; use auto, fp32, fp16 or bf16.")
+        raise FastPromptError(f"Unknown precision {brief(precision)}; use auto, fp32, fp16 or bf16.")
     return precision
 
 
@@ -162,17 +166,23 @@ def build_cache(
     options = options or CacheOptions()
     out = Path(out)
     ranks = rank_tools.start(device)
+    lock = FolderLock(out, "fastprompt cache", remedy="pass another --out")  # taken by rank 0 only, in _build
     try:
-        return _build(dataset, clip, out, options, subsets, ranks, device, precision, batch_size, num_workers, progress)
+        return _build(
+            dataset, clip, out, options, subsets, ranks, device, precision, batch_size, num_workers, progress, lock
+        )
     finally:
+        lock.release()
         rank_tools.stop(ranks)
 
 
-def _build(dataset, clip, out, options, subsets, ranks, device, precision, batch_size, num_workers, progress):
+def _build(dataset, clip, out, options, subsets, ranks, device, precision, batch_size, num_workers, progress, lock):
     device = rank_tools.rank_device(device, ranks)
     precision = resolve_precision(precision, device)
     encoder = ImageEncoder(clip, device, precision)
-    transform = ViewTransform.from_preprocess_cfg(clip.preprocess_cfg, seed=options.augmentation_seed)
+    transform = ViewTransform.from_preprocess_cfg(
+        clip.preprocess_cfg, seed=options.augmentation_seed, exif_transpose=options.exif_transpose
+    )
     feature_dim = int(encoder(torch.zeros(1, 3, transform.size, transform.size)).shape[-1])
     if subsets is None:
         subsets = fewshot_subsets(dataset, options.shots, options.seeds)
@@ -181,16 +191,19 @@ def _build(dataset, clip, out, options, subsets, ranks, device, precision, batch
         model_record(clip, precision), transform.describe(), options.views, options.dtype, feature_dim,
         dataset, plan, options.full_train,
     )  # fmt: skip
-    verdict = None
+    verdict, refusal = None, None
     if ranks.is_main:
         try:
+            lock.acquire()  # one build per folder; the ranks of this build share it (a refusal reaches them all)
+            remove_stale_files(out)
             check_folder(out, record)
-            start_folder(out, record)
+            with full_disk_reported("the plan record .progress/plan.json", out, KEPT):
+                start_folder(out, record)
         except FastPromptError as error:
-            verdict = str(error)
+            verdict, refusal = str(error), error
     verdict = rank_tools.share_from_main(ranks, verdict)
     if verdict:
-        raise FastPromptError(verdict)
+        raise refusal or FastPromptError(verdict)  # rank 0 keeps the error's type (FolderInUseError, DiskFullError)
     done = done_shards(out, plan.shards)
     summary = CacheSummary(out=out, shards_reused=len(done))
     if len(done) == len(plan.shards) and (out / MANIFEST).is_file():
@@ -209,7 +222,8 @@ def _build(dataset, clip, out, options, subsets, ranks, device, precision, batch
         if missing:
             raise FastPromptError(f"Shards {', '.join(missing[:3])} of '{out}' were not written; rerun to finish.")
         manifest = assemble_manifest(record, plan, records)
-        write_json_atomic(out / MANIFEST, manifest)
+        with full_disk_reported(MANIFEST, out, KEPT):
+            write_json_atomic(out / MANIFEST, manifest)
         if manifest["skipped"]:
             listed = ", ".join(item["path"] for item in manifest["skipped"][:5])
             more = "" if len(manifest["skipped"]) <= 5 else ", ..."
@@ -292,8 +306,10 @@ def _combine(summaries: list[CacheSummary]) -> CacheSummary:
 
 def write_shard_and_record(out: Path, shard: ShardPlan, samples: list[Sample], skipped: list[dict], summary) -> None:
     """Write one shard atomically, then its progress record: from then on a rerun skips it."""
-    entry = write_shard(out / shard.name, shard.split, samples)
-    write_shard_record(out, entry, skipped)
+    with full_disk_reported(f"shard {shard.name}", out, KEPT):
+        entry = write_shard(out / shard.name, shard.split, samples)
+    with full_disk_reported(f"the progress record of shard {shard.name}", out, KEPT):
+        write_shard_record(out, entry, skipped)
     summary.bytes_written += entry["bytes"]
     summary.shards_written += 1
     summary.skipped.extend(skipped)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import torch
 
 from fastprompt.cache.records import FORMAT_VERSION, MANIFEST, READABLE_FORMATS
 from fastprompt.cache.shards import read_shard, verify_shard
+from fastprompt.cache.validate import check_fewshot_keys, check_manifest, check_sample, read_manifest, shard_path
 from fastprompt.errors import FastPromptError
 
 TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32}
@@ -72,8 +72,9 @@ class FeatureCache:
         verify: check every shard's sha256 before reading it.
 
     Raises:
-        FastPromptError: no manifest, an unknown format version, a shard missing or failing its checksum, or a cache
-            that does not fit in the device's free memory.
+        FastPromptError: no manifest, an unknown format version, a shard missing or failing its checksum, a manifest
+            or shard that `fastprompt cache` could not have written (fastprompt/cache/validate.py), or a cache that
+            does not fit in the device's free memory.
     """
 
     def __init__(self, path: Path | str, device: str | torch.device = "cpu", verify: bool = True):
@@ -84,16 +85,18 @@ class FeatureCache:
             raise FastPromptError(
                 f"'{self.path}' is not a feature cache (no {MANIFEST}); build one with `fastprompt cache`."
             )
-        self.manifest: dict = json.loads(manifest_path.read_text())
+        self.manifest: dict = read_manifest(manifest_path)
         if self.manifest.get("format_version") not in READABLE_FORMATS:
             readable = " and ".join(str(version) for version in READABLE_FORMATS)
             raise FastPromptError(
                 f"'{self.path}' has cache format {self.manifest.get('format_version')}, this fastprompt reads "
                 f"formats {readable}; rebuild the cache with `fastprompt cache`."
             )
+        check_manifest(self.manifest, manifest_path)
         self._check_fits()
         self._splits = {name: self._load_split(name, verify) for name in ("train", "val", "test")}
         self._index = {name: first_positions(self._splits[name].keys) for name in ("train", "val")}
+        check_fewshot_keys(self.manifest, manifest_path, {name: set(self._index[name]) for name in self._index})
 
     @property
     def classnames(self) -> list[str]:
@@ -191,12 +194,18 @@ class FeatureCache:
         for entry in self.manifest["shards"]:
             if entry["split"] != name:
                 continue
-            shard_path = self.path / entry["name"]
+            path = shard_path(self.path, entry["name"])
             if verify:
-                verify_shard(shard_path, entry, self.path)
-            for key, label, sample_features, sample_center in read_shard(shard_path):
-                if len(keys) == count:
-                    raise FastPromptError(f"The cache '{self.path}' holds more {name} images than its manifest lists.")
+                verify_shard(path, entry, self.path)
+            samples = read_shard(path, split=name)
+            if len(samples) != entry["count"]:
+                raise FastPromptError(
+                    f"The shard '{path}' holds {len(samples)} samples but the manifest of '{self.path}' lists "
+                    f"{entry['count']}; rebuild the cache with `fastprompt cache`."
+                )
+            for sample in samples:
+                check_sample(sample, path, self.manifest, name, stored_center)
+                key, label, sample_features, sample_center = sample
                 if center is not None:
                     if sample_center is None:
                         raise FastPromptError(

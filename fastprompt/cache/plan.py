@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from fastprompt.data.fewshot import sample_fewshot
 from fastprompt.data.items import Dataset, Item
-from fastprompt.errors import FastPromptError
+from fastprompt.errors import FastPromptError, brief
 
 SPLIT_ORDER = ("test", "val", "train")
 DTYPES = {"fp16": "float16", "float16": "float16", "fp32": "float32", "float32": "float32"}
@@ -33,6 +33,7 @@ class CacheOptions:
         dtype: stored feature dtype, "float16" or "float32".
         shard_size: samples per shard ("1000") or a byte bound ("64MB", "512KB", "1GB").
         augmentation_seed: mixed into every view's generator.
+        exif_transpose: decode images upright by their EXIF orientation (off: as the reference, which ignores it).
     """
 
     shots: tuple[int, ...] = (1, 2, 4, 8, 16)
@@ -42,12 +43,13 @@ class CacheOptions:
     dtype: str = "float16"
     shard_size: str = "1000"
     augmentation_seed: int = 0
+    exif_transpose: bool = False
 
     def __post_init__(self) -> None:
         if self.views < 1:
             raise FastPromptError(f"--views must be at least 1, got {self.views}.")
         if self.dtype not in DTYPES:
-            raise FastPromptError(f"Unknown --dtype '{self.dtype}'; use fp16 or fp32.")
+            raise FastPromptError(f"Unknown --dtype {brief(self.dtype)}; use fp16 or fp32.")
         object.__setattr__(self, "dtype", DTYPES[self.dtype])
         parse_shard_size(self.shard_size)
 
@@ -102,7 +104,7 @@ def parse_shard_size(value: str | int) -> tuple[str, int]:
     text = str(value).strip().upper().replace(" ", "")
     match = re.fullmatch(r"(\d+(?:\.\d+)?)(KB|MB|GB|K|M|G)?", text)
     if not match or float(match.group(1)) <= 0:
-        raise FastPromptError(f"--shard-size '{value}' is neither a number of samples (1000) nor a size (64MB).")
+        raise FastPromptError(f"--shard-size {brief(value)} is neither a number of samples (1000) nor a size (64MB).")
     if match.group(2) is None:
         return "samples", int(float(match.group(1)))
     unit = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[match.group(2)[0]]

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 from pathlib import Path
 
+from fastprompt.atomic import remove_stale_temporaries, write_json
 from fastprompt.cache.plan import CachePlan, ShardPlan
 from fastprompt.errors import FastPromptError
+from fastprompt.locks import LOCK_FILE
 
 FORMAT_VERSION = 2  # 2: training samples also hold their centre view (`center.npy`); 1 had only the augmented views
 READABLE_FORMATS = (1, 2)  # a format-1 cache still trains prompts; what needs the centre view asks for a rebuild
@@ -21,12 +22,12 @@ PROGRESS_DIR = ".progress"
 MANIFEST = "manifest.json"
 
 
-def write_json_atomic(path: Path, content: dict) -> None:
-    """Write JSON through a temporary file and a rename, so readers never see half a file."""
-    path = Path(path)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(json.dumps(content, indent=1))
-    os.replace(temporary, path)
+def write_json_atomic(path: Path, content: dict, point: str | None = None) -> None:
+    """Write JSON through a temporary file, fsync and a rename, so readers never see half a file.
+
+    `point` names the write for the fault points (fastprompt/faults.py); default: the file's name.
+    """
+    write_json(Path(path), content, point or Path(path).name)
 
 
 def plan_record(model: dict, transforms: dict, views: int, dtype: str, feature_dim: int, dataset, plan, full_train):
@@ -69,7 +70,10 @@ def check_folder(out: Path, record: dict) -> bool:
                 f"'{out}' holds a finished cache without its {PROGRESS_DIR}/ records, so it cannot be checked or "
                 f"extended; load it with FeatureCache, or pass another --out to build a new one."
             )
-        if Path(out).is_dir() and any(Path(out).iterdir()):
+        progress = Path(out) / PROGRESS_DIR  # an empty one: a first run killed before its plan record was written
+        if Path(out).is_dir() and any(  # our lock file (fastprompt/locks.py) is no foreign content
+            p.name != LOCK_FILE and (p != progress or any(p.iterdir())) for p in Path(out).iterdir()
+        ):
             raise FastPromptError(
                 f"'{out}' is not empty and holds no fastprompt cache in progress; pass a new or empty --out folder."
             )
@@ -91,6 +95,12 @@ def check_folder(out: Path, record: dict) -> bool:
     return True
 
 
+def remove_stale_files(out: Path) -> None:
+    """Remove the temporary files that killed runs left in the cache folder `out` (only in one of ours)."""
+    if (Path(out) / PROGRESS_DIR).is_dir():
+        remove_stale_temporaries(Path(out), Path(out) / PROGRESS_DIR)
+
+
 def start_folder(out: Path, record: dict) -> None:
     """Create the folder and its plan record (rank 0, before any shard is written)."""
     (Path(out) / PROGRESS_DIR).mkdir(parents=True, exist_ok=True)
@@ -100,7 +110,7 @@ def start_folder(out: Path, record: dict) -> None:
 
 
 def write_shard_record(out: Path, entry: dict, skipped: list[dict]) -> None:
-    write_json_atomic(Path(out) / PROGRESS_DIR / f"{entry['name']}.json", {**entry, "skipped": skipped})
+    write_json_atomic(Path(out) / PROGRESS_DIR / f"{entry['name']}.json", {**entry, "skipped": skipped}, "shard-record")
 
 
 def done_shards(out: Path, shards: list[ShardPlan]) -> dict[str, dict]:

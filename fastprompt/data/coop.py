@@ -8,8 +8,8 @@ import json
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
-from fastprompt.data.items import Dataset, Item, classnames_from_items
-from fastprompt.errors import FastPromptError
+from fastprompt.data.items import Dataset, FolderGuard, Item, classnames_from_items, path_text, read_text
+from fastprompt.errors import FastPromptError, brief, one_line
 
 if TYPE_CHECKING:
     from fastprompt.data.registry import DatasetSpec
@@ -56,22 +56,29 @@ def read_split_file(path: Path, image_root: Path) -> dict[str, list[Item]]:
     """
     if not path.is_file():
         raise FastPromptError(f"Expected the split file '{path}'; check --root or copy the CoOp split file there.")
+    text = read_text(path, "split file")
     try:
-        content = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise FastPromptError(f"Could not read the split file '{path}' as JSON ({error}).") from None
-    if not isinstance(content, dict) or not all(split in content for split in SPLITS):
+        content = json.loads(text)
+    except (ValueError, RecursionError) as error:  # also a 5000-digit number, a list nested 100000 deep
+        raise FastPromptError(f"Could not read the split file '{path}' as JSON ({one_line(error)}).") from None
+    if not isinstance(content, dict) or not all(isinstance(content.get(split), list) for split in SPLITS):
         raise FastPromptError(f"The split file '{path}' must hold the lists 'train', 'val' and 'test'.")
     splits: dict[str, list[Item]] = {}
+    guard = FolderGuard(image_root, f"the split file '{path}'")
     for split in SPLITS:
         items = []
         for entry in content[split]:
-            if not (isinstance(entry, list | tuple) and len(entry) == 3 and isinstance(entry[1], int)):
+            if not (
+                isinstance(entry, list)
+                and len(entry) == 3
+                and type(entry[1]) is int  # not a bool, not a float
+                and isinstance(entry[2], str)
+            ):
                 raise FastPromptError(
-                    f"Entry {entry!r} of '{split}' in '{path}' is not [relative_path, label, classname]."
+                    f"Entry {brief(entry)} of '{split}' in '{path}' is not [relative_path, label, classname]."
                 )
-            key = normalise_key(str(entry[0]))
-            items.append(Item(key=key, path=image_root / key, label=int(entry[1]), classname=str(entry[2])))
+            key = normalise_key(path_text(entry[0], f"'{split}' in '{path}'"))
+            items.append(Item(key=key, path=guard.path(key), label=entry[1], classname=entry[2]))
         splits[split] = items
     return splits
 
@@ -104,23 +111,28 @@ def read_fgvc_aircraft(spec: DatasetSpec, root: Path) -> Dataset:
     variants_path = folder / "variants.txt"
     if not variants_path.is_file():
         raise FastPromptError(f"Expected the class list '{variants_path}' (one variant per line); check --root.")
-    raw_names = [line.strip() for line in variants_path.read_text().splitlines() if line.strip()]
+    raw_names = [line.strip() for line in read_text(variants_path, "class list").splitlines() if line.strip()]
     label_of = {name: label for label, name in enumerate(raw_names)}
+    if len(label_of) != len(raw_names) or not raw_names:
+        repeated = next((name for name in raw_names if raw_names.count(name) > 1), None)
+        problem = f"lists {brief(repeated)} twice" if raw_names else "lists no variant"
+        raise FastPromptError(f"The class list '{variants_path}' {problem}; list each variant once, one per line.")
     splits: dict[str, list[Item]] = {}
     for split in SPLITS:
         split_path = folder / f"images_variant_{split}.txt"
         if not split_path.is_file():
             raise FastPromptError(f"Expected the split file '{split_path}'; check --root.")
         items = []
-        for line in split_path.read_text().splitlines():
+        guard = FolderGuard(images, f"'{split_path}'")
+        for line in read_text(split_path, "split file").splitlines():
             parts = line.strip().split(" ")
             if len(parts) < 2:
                 continue
             variant = " ".join(parts[1:])
             if variant not in label_of:
-                raise FastPromptError(f"Variant '{variant}' of '{split_path}' is not listed in '{variants_path}'.")
-            key = f"{parts[0]}.jpg"
-            items.append(Item(key=key, path=images / key, label=label_of[variant], classname=variant))
+                raise FastPromptError(f"Variant {brief(variant)} of '{split_path}' is not listed in '{variants_path}'.")
+            key = path_text(f"{parts[0]}.jpg", f"'{split_path}'")
+            items.append(Item(key=key, path=guard.path(key), label=label_of[variant], classname=variant))
         splits[split] = items
     return Dataset(
         name=spec.name,

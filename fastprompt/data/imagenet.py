@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fastprompt.data.coop import dataset_folder, image_folder
-from fastprompt.data.items import Dataset, Item
+from fastprompt.data.items import Dataset, FolderGuard, Item, read_text
 from fastprompt.errors import FastPromptError
 
 if TYPE_CHECKING:
@@ -31,10 +31,12 @@ def read_classnames_file(spec: DatasetSpec, root: Path) -> dict[str, str]:
     for path in candidates:
         if path.is_file():
             names = {}
-            for line in path.read_text().splitlines():
+            for line in read_text(path, "class list").splitlines():
                 parts = line.strip().split(" ")
                 if parts and parts[0]:
                     names[parts[0]] = " ".join(parts[1:])
+            if not names:
+                raise FastPromptError(f"The class list '{path}' lists no class; write one 'wnid class name' per line.")
             return names
     raise FastPromptError(
         f"Expected ImageNet's class list '{candidates[0]}' (lines 'wnid class name'); {spec.name} needs it "
@@ -52,11 +54,12 @@ def _sorted_entries(folder: Path, directories: bool) -> list[str]:
 
 def _class_folder_items(split_root: Path, folders: list[str], labels: list[int], names: list[str], image_root: Path):
     items = []
+    guard = FolderGuard(image_root, f"the image folder '{image_root}'")
     for folder, label, classname in zip(folders, labels, names, strict=True):
         class_dir = split_root / folder
         for filename in _sorted_entries(class_dir, directories=False):
-            path = class_dir / filename
-            items.append(Item(key=path.relative_to(image_root).as_posix(), path=path, label=label, classname=classname))
+            key = (class_dir / filename).relative_to(image_root).as_posix()
+            items.append(Item(key=key, path=guard.path(key), label=label, classname=classname))
     return items
 
 

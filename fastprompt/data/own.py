@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from pathlib import Path
 
 from fastprompt.data.coop import SPLITS, normalise_key
-from fastprompt.data.items import Dataset, Item, classnames_from_items
-from fastprompt.errors import FastPromptError
+from fastprompt.data.items import Dataset, FolderGuard, Item, classnames_from_items, path_text, read_text
+from fastprompt.errors import FastPromptError, brief, one_line
 from fastprompt.templates import DEFAULT_TEMPLATE
 
 DEFAULT_TEMPLATES = {"prograd": DEFAULT_TEMPLATE, "coop": DEFAULT_TEMPLATE}
@@ -39,12 +40,13 @@ def read_image_folder(root: Path, name: str | None = None, templates: dict[str, 
     classnames = sorted({folder for split in present for folder in _visible(root / split, directories=True)})
     label_of = {classname: label for label, classname in enumerate(classnames)}
     splits: dict[str, list[Item]] = {split: [] for split in SPLITS}
+    guard = FolderGuard(root, f"the image folder '{root}'")
     for split in present:
         for classname in _visible(root / split, directories=True):
             class_dir = root / split / classname
             for filename in _visible(class_dir, directories=False):
                 key = f"{split}/{classname}/{filename}"
-                splits[split].append(Item(key, class_dir / filename, label_of[classname], classname))
+                splits[split].append(Item(key, guard.path(key), label_of[classname], classname))
     return Dataset(
         name=name or root.name,
         classnames=classnames,
@@ -57,18 +59,42 @@ def read_image_folder(root: Path, name: str | None = None, templates: dict[str, 
 
 
 def _manifest_rows(path: Path) -> list[dict]:
+    text = read_text(path, "manifest")
     if path.suffix.lower() in (".jsonl", ".json", ".ndjson"):
         rows = []
-        for number, line in enumerate(path.read_text().splitlines(), start=1):
+        for number, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
                 continue
             try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as error:
-                raise FastPromptError(f"Line {number} of '{path}' is not JSON ({error.msg}).") from None
+                row = json.loads(line)
+            except (ValueError, RecursionError) as error:  # also a 5000-digit number, a list nested too deep
+                detail = error.msg if isinstance(error, json.JSONDecodeError) else one_line(error)
+                raise FastPromptError(f"Line {number} of '{path}' is not JSON ({detail}).") from None
+            if not isinstance(row, dict):
+                raise FastPromptError(
+                    f"Line {number} of '{path}' is not a JSON object; write one object per line, like "
+                    f'{{"path": "a.jpg", "label": 0, "split": "train"}}.'
+                )
+            rows.append(row)
         return rows
-    with path.open(newline="") as handle:
-        return list(csv.DictReader(handle))
+    try:
+        return list(csv.DictReader(io.StringIO(text, newline="")))
+    except csv.Error as error:  # e.g. a field over the csv module's size limit
+        raise FastPromptError(f"Could not read '{path}' as CSV ({one_line(error)}).") from None
+
+
+def _label(value: object) -> int | None:
+    """An integer label from JSON (an int, or a float such as 3.0) or from a CSV cell (text); None otherwise."""
+    if type(value) is int:
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            return None
+    return None
 
 
 def read_manifest(
@@ -100,23 +126,25 @@ def read_manifest(
         missing = [field for field in ("path", "label", "split") if field not in row]
         if missing:
             raise FastPromptError(f"Record {number} of '{path}' lacks the field(s) {', '.join(missing)}.")
-        split = str(row["split"]).strip()
-        if split not in splits:
-            raise FastPromptError(f"Record {number} of '{path}' has split '{split}'; use train, val or test.")
-        try:
-            label = int(row["label"])
-        except (TypeError, ValueError):
-            raise FastPromptError(
-                f"Record {number} of '{path}' has label {row['label']!r}; labels are integers."
-            ) from None
+        split = row["split"].strip() if isinstance(row["split"], str) else row["split"]
+        if not isinstance(split, str) or split not in splits:
+            raise FastPromptError(f"Record {number} of '{path}' has split {brief(split)}; use train, val or test.")
+        label = _label(row["label"])
+        if label is None:
+            raise FastPromptError(f"Record {number} of '{path}' has label {brief(row['label'])}; labels are integers.")
         if names is not None and not 0 <= label < len(names):
             raise FastPromptError(
                 f"Record {number} of '{path}' has label {label}; the class-names file has {len(names)}."
             )
-        classname = names[label] if names is not None else str(row.get("classname") or "")
-        if not classname:
-            raise FastPromptError(f"'{path}' has no classname field; pass a class-names file (one name per line).")
-        key = normalise_key(str(row["path"]))
+        classname = names[label] if names is not None else row.get("classname")
+        if not isinstance(classname, str) or not classname.strip():
+            raise FastPromptError(
+                f"Record {number} of '{path}' has no classname; add a classname field or pass a class-names file "
+                f"(one name per line)."
+            )
+        key = normalise_key(path_text(row["path"], f"record {number} of '{path}'"))
+        if key == ".":
+            raise FastPromptError(f"Record {number} of '{path}' has the path {brief(row['path'])}, not a file's path.")
         image_path = Path(key) if Path(key).is_absolute() else base / key
         splits[split].append(Item(key=key, path=image_path, label=label, classname=classname))
     classnames = names or classnames_from_items(splits["train"], splits["val"], splits["test"], source=str(path))
@@ -135,4 +163,4 @@ def _read_classnames(path: Path) -> list[str]:
     path = Path(path).expanduser()
     if not path.is_file():
         raise FastPromptError(f"Expected the class-names file '{path}' (one class name per line, in label order).")
-    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    return [line.strip() for line in read_text(path, "class-names file").splitlines() if line.strip()]

@@ -14,8 +14,8 @@ import pickle
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import TYPE_CHECKING
 
-from fastprompt.data.items import Item
-from fastprompt.errors import FastPromptError
+from fastprompt.data.items import FolderGuard, Item, path_text
+from fastprompt.errors import FastPromptError, brief, one_line
 
 if TYPE_CHECKING:
     from fastprompt.data.registry import DatasetSpec
@@ -35,10 +35,15 @@ class ToolkitDatum:
     def __setstate__(self, state: object) -> None:
         if not isinstance(state, dict) or not set(state) <= set(RECORD_FIELDS):
             raise pickle.UnpicklingError(f"unexpected Datum state {type(state).__name__}")
-        self.impath = str(state.get("_impath", ""))
-        self.label = int(state.get("_label", 0))
-        self.domain = int(state.get("_domain", 0))
-        self.classname = str(state.get("_classname", ""))
+        impath, label = state.get("_impath", ""), state.get("_label", 0)
+        domain, classname = state.get("_domain", 0), state.get("_classname", "")
+        # the toolkit writes str, int, int, str; nothing is converted (str() of a list nested 100000 deep recurses)
+        if not (isinstance(impath, str) and type(label) is int and label >= 0 and type(domain) is int
+                and isinstance(classname, str)):  # fmt: skip
+            raise pickle.UnpicklingError(
+                f"a Datum state {brief(state)} is not (path text, label >= 0, domain, class name text)"
+            )
+        self.impath, self.label, self.domain, self.classname = impath, label, domain, classname
 
 
 def _reconstruct(cls: type, base: type, state: object) -> ToolkitDatum:
@@ -73,16 +78,18 @@ def load_restricted(path: Path) -> object:
     """Unpickle `path` allowing only the toolkit's `Datum` and plain containers.
 
     Raises:
-        FastPromptError: the file is missing, or references any other global (nothing of it is executed).
+        FastPromptError: the file is missing, is no pickle, holds a malformed Datum, or references any other global
+            (nothing of it is executed).
     """
     path = Path(path)
     if not path.is_file():
         raise FastPromptError(f"Expected the few-shot file '{path}'; check the path (or sample the subsets instead).")
     try:
         return RestrictedUnpickler(io.BytesIO(path.read_bytes())).load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as error:
+    except Exception as error:  # only the allow-list's code runs: whatever fails here is the file's content
         raise FastPromptError(
-            f"Refused '{path}': {error}; only the toolkit's Datum records and plain containers are read, never code."
+            f"Refused '{path}': {one_line(error)}; only the toolkit's Datum records and plain containers are read, "
+            f"never code."
         ) from None
 
 
@@ -104,7 +111,9 @@ def rebase_key(impath: str, dataset_dir: str, image_dir: str) -> str:
     if anchor[-1] in parts:
         last = len(parts) - 1 - parts[::-1].index(anchor[-1])
         return "/".join(parts[last + 1 :])
-    raise FastPromptError(f"The path '{impath}' does not contain the image folder '{'/'.join(anchor)}' to rebase on.")
+    raise FastPromptError(
+        f"The path {brief(impath)} does not contain the image folder '{'/'.join(anchor)}' to rebase on."
+    )
 
 
 def records_to_items(records: object, image_root: Path, dataset_dir: str, image_dir: str, what: str) -> list[Item]:
@@ -112,9 +121,10 @@ def records_to_items(records: object, image_root: Path, dataset_dir: str, image_
     if not isinstance(records, list) or not all(isinstance(r, ToolkitDatum) for r in records):
         raise FastPromptError(f"{what} must be a list of the toolkit's Datum records.")
     items = []
+    guard = FolderGuard(Path(image_root), what)
     for record in records:
-        key = rebase_key(record.impath, dataset_dir, image_dir)
-        items.append(Item(key=key, path=Path(image_root) / key, label=record.label, classname=record.classname))
+        key = rebase_key(path_text(record.impath, what), dataset_dir, image_dir)
+        items.append(Item(key=key, path=guard.path(key), label=record.label, classname=record.classname))
     return items
 
 

@@ -16,7 +16,7 @@ from fastprompt.data.coop import read_coop_dataset, read_fgvc_aircraft
 from fastprompt.data.imagenet import read_imagenet, read_imagenet_v2, read_imagenet_wnid_folders
 from fastprompt.data.items import Dataset
 from fastprompt.data.own import read_image_folder, read_manifest
-from fastprompt.errors import FastPromptError
+from fastprompt.errors import FastPromptError, brief
 from fastprompt.templates import coop_template, prograd_template
 
 OWN_DATA = ("imagefolder", "manifest")
@@ -116,7 +116,7 @@ def get_dataset_spec(name: str) -> DatasetSpec:
         return _REGISTRY[name]
     close = difflib.get_close_matches(name, list(_REGISTRY), n=1, cutoff=0.6)
     hint = f"Did you mean {close[0]}? " if close else ""
-    raise FastPromptError(f"Unknown dataset '{name}'. {hint}Supported: {', '.join(supported_datasets())}.")
+    raise FastPromptError(f"Unknown dataset {brief(name)}. {hint}Supported: {', '.join(supported_datasets())}.")
 
 
 def load_dataset(

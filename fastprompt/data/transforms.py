@@ -10,14 +10,22 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
+import warnings
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
 
 INTERPOLATIONS = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR}
+# PIL's own refusal threshold at its default setting (2 x Image.MAX_IMAGE_PIXELS, about 13377 x 13377 pixels): the
+# images the reference loader cannot read are those fastprompt skips, even where the process has raised or removed
+# PIL's global limit (a lower global still applies, in Image.open)
+MAX_IMAGE_PIXELS = 178_956_970
+SIXTEEN_BIT_GRAY = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
 @dataclass(frozen=True)
@@ -31,6 +39,7 @@ class ViewTransform:
         scale, ratio: RandomResizedCrop's area and aspect-ratio ranges.
         flip_probability: horizontal flip probability of a training view.
         seed: the cache's augmentation seed, mixed into every view's generator.
+        exif_transpose: decode images upright by their EXIF orientation tag (the reference ignores the tag).
     """
 
     size: int
@@ -41,9 +50,10 @@ class ViewTransform:
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     flip_probability: float = 0.5
     seed: int = 0
+    exif_transpose: bool = False
 
     @classmethod
-    def from_preprocess_cfg(cls, cfg: dict, seed: int = 0) -> ViewTransform:
+    def from_preprocess_cfg(cls, cfg: dict, seed: int = 0, exif_transpose: bool = False) -> ViewTransform:
         """Build from `Clip.preprocess_cfg` (size, mean, std, interpolation)."""
         interpolation = cfg.get("interpolation", "bicubic")
         return cls(
@@ -52,6 +62,7 @@ class ViewTransform:
             std=tuple(float(s) for s in cfg["std"]),
             interpolation=interpolation if interpolation in INTERPOLATIONS else "bicubic",
             seed=seed,
+            exif_transpose=exif_transpose,
         )
 
     def describe(self) -> dict:
@@ -62,6 +73,8 @@ class ViewTransform:
             "std": list(self.std),
             "interpolation": self.interpolation,
         }
+        if self.exif_transpose:  # recorded only when on, so caches made before the option keep their fingerprint
+            common["exif_transpose"] = True
         train = {
             "kind": "RandomResizedCrop+HorizontalFlip",
             "scale": list(self.scale),
@@ -131,8 +144,47 @@ class ViewTransform:
         return asdict(self)
 
 
-def load_rgb(path) -> Image.Image:
-    """Decode an image file to RGB (raises the decoder's error for an unreadable file)."""
-    with Image.open(path) as image:
-        image.load()
-        return image.convert("RGB")
+def load_rgb(path, exif_transpose: bool = False) -> Image.Image:
+    """Decode an image file to 8-bit RGB as the reference loader does, except for 16-bit grayscale (docs/data.md).
+
+    The reference (Dassl, and torchvision's default loader) is `Image.open(path).convert("RGB")`: alpha is dropped
+    (not composited), palettes are expanded, grayscale is replicated, CMYK is converted by PIL, and the EXIF
+    orientation is not applied. fastprompt does the same, with three decisions of its own:
+    16-bit grayscale (modes I;16*, and I, which PIL gives 16-bit PGM files) is scaled to 8 bits (v / 257, rounded)
+    where PIL's conversion clips every value above 255 to white; an image of more than `MAX_IMAGE_PIXELS` pixels is
+    refused from its header before any pixel is decoded; an empty file is named as such. A truncated file raises as in
+    the reference: `PIL.ImageFile.LOAD_TRUNCATED_IMAGES` is never set here.
+
+    Args:
+        path: the image file.
+        exif_transpose: rotate and flip by the EXIF orientation tag (off: the reference ignores it).
+
+    Raises:
+        Exception: the decoder's error for an unreadable file (`PIL.UnidentifiedImageError`, `OSError` for a
+            truncated one, `PIL.Image.DecompressionBombError` over the pixel limit).
+    """
+    if os.path.getsize(path) == 0:
+        raise UnidentifiedImageError("the file is empty (0 bytes)")
+    with warnings.catch_warnings():
+        # the limit below is fastprompt's decision, and a palette's alpha is dropped as the reference drops it
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        warnings.filterwarnings("ignore", "Palette images with Transparency", UserWarning)
+        with Image.open(path) as image:
+            pixels = image.width * image.height
+            if pixels > MAX_IMAGE_PIXELS:
+                raise Image.DecompressionBombError(
+                    f"Image size ({pixels} pixels) exceeds fastprompt's limit of {MAX_IMAGE_PIXELS} pixels, "
+                    f"could be a decompression bomb"
+                )
+            image.load()
+            if exif_transpose:
+                image = ImageOps.exif_transpose(image)
+            return to_rgb(image)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """`image.convert("RGB")`, except that 16-bit grayscale is scaled to 8 bits (PIL would clip it at 255)."""
+    if image.mode in SIXTEEN_BIT_GRAY:
+        values = np.asarray(image).astype(np.int64)
+        image = Image.fromarray(((np.clip(values, 0, 65535) + 128) // 257).astype(np.uint8), "L")
+    return image.convert("RGB")

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from fastprompt.errors import ConfigError
+from fastprompt.errors import ConfigError, brief, one_line
 
 METHODS = ("zeroshot", "zeroshot_ensemble", "linear_probe", "coop", "prograd", "prograd_ensemble", "kd")
 PROMPT_METHODS = ("coop", "prograd", "prograd_ensemble", "kd")
@@ -23,6 +23,7 @@ SETTINGS = ("fewshot", "base2new")
 LAMBDA_POLICIES = ("release", "paper")
 LOW_LAMBDA_DATASETS = ("OxfordFlowers", "DescribableTextures", "EuroSAT")
 IMAGENET = "ImageNet"
+MAX_SWEEP_RUNS = 100_000  # far above any real sweep (the paper's grids are a few hundred runs); a typo can ask 10**12
 
 
 @dataclass(frozen=True)
@@ -105,17 +106,28 @@ def default_lambda(dataset: str, shots: int, policy: str = "release") -> float:
 
 def resolve(config: RunConfig) -> RunConfig:
     """Fill PROTOCOL.md's defaults and check every value; the result is what runs and what is written."""
+    from fastprompt.prompt import POSITIONS  # imported here: fastprompt.prompt imports torch, this module does not
+
     if config.method not in METHODS:
-        raise ConfigError(f"Unknown method '{config.method}'; use one of {', '.join(METHODS)}.")
+        raise ConfigError(f"Unknown method {brief(config.method)}; use one of {', '.join(METHODS)}.")
     if config.setting not in SETTINGS:
-        raise ConfigError(f"Unknown setting '{config.setting}'; use one of {', '.join(SETTINGS)}.")
+        raise ConfigError(f"Unknown setting {brief(config.setting)}; use one of {', '.join(SETTINGS)}.")
     if config.lambda_policy not in LAMBDA_POLICIES:
-        raise ConfigError(f"Unknown lambda policy '{config.lambda_policy}'; use 'release' or 'paper'.")
+        raise ConfigError(f"Unknown lambda policy {brief(config.lambda_policy)}; use 'release' or 'paper'.")
     if config.precision not in ("fp32", "bf16", "fp16"):
-        raise ConfigError(f"Unknown precision '{config.precision}'; use fp32, bf16 or fp16.")
+        raise ConfigError(f"Unknown precision {brief(config.precision)}; use fp32, bf16 or fp16.")
+    if config.position not in POSITIONS:
+        raise ConfigError(f"Unknown class position {brief(config.position)}; use one of {', '.join(POSITIONS)}.")
     for name in ("shots", "batch_size", "n_ctx"):
         if getattr(config, name) < 1:
             raise ConfigError(f"{name} must be at least 1 (got {getattr(config, name)}).")
+    for name in ("eval_every", "warmup_epochs"):
+        if getattr(config, name) < 0:
+            raise ConfigError(f"{name} must be 0 or more (got {getattr(config, name)}).")
+    for item in fields(config):
+        value = getattr(config, item.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{item.name} must be a finite number (got {value}).")
     for name in ("lr", "warmup_lr", "temperature"):
         value = getattr(config, name)
         if not math.isfinite(value) or value <= 0:
@@ -130,36 +142,55 @@ def resolve(config: RunConfig) -> RunConfig:
     if config.init is None:
         changes["init"] = "random" if config.method == "coop" else "template"
     elif config.init not in ("template", "random"):
-        raise ConfigError(f"Unknown init '{config.init}'; use 'template' or 'random'.")
+        raise ConfigError(f"Unknown init {brief(config.init)}; use 'template' or 'random'.")
     return dataclasses.replace(config, **changes)
 
 
 # ------------------------------------------------------------------------------------------------------ sweeps
 FIELD_NAMES = {f.name for f in fields(RunConfig)}
+FIELD_KINDS = {f.name: f.type for f in fields(RunConfig)}  # "int", "float | None", ... (annotations are strings)
 ALIASES = {"lambda": "lam", "methods": "method", "seeds": "seed", "datasets": "dataset", "lambdas": "lam"}
 
 
-def _field_name(key: str) -> str:
-    name = ALIASES.get(key, key).replace("-", "_")
+def _field_name(key: Any) -> str:
+    name = ALIASES.get(key, key).replace("-", "_") if isinstance(key, str) else None
     if name not in FIELD_NAMES:
         known = sorted({*FIELD_NAMES - {"lam"}, "lambda"})
-        raise ConfigError(f"Unknown sweep key '{key}'; known keys: {', '.join(known)}.")
+        raise ConfigError(f"Unknown sweep key {brief(key)}; known keys: {', '.join(known)}.")
     return name
 
 
 def _coerce(name: str, value: Any) -> Any:
-    kind = {f.name: f.type for f in fields(RunConfig)}[name]
-    if value is None or (isinstance(value, str) and value.lower() == "none"):
-        return None
+    """`value`, from a file or the command line, as field `name` takes it; "none" only where the field has a default.
+
+    Raises:
+        ConfigError: a list or table, text that is not a number for a number, a fraction for an integer, a word other
+            than true/false/yes/no/1/0 for a flag.
+    """
+    kind = FIELD_KINDS[name]
+    invalid = ConfigError(f"{brief(value)} is not a valid value for {name} ({kind}).")
+    if value is None or (isinstance(value, str) and value.strip().lower() == "none"):
+        if "None" in kind:
+            return None
+        raise invalid
+    if not isinstance(value, str | int | float):  # lists, tables, dates (bool is an int)
+        raise invalid
+    if "bool" in kind:
+        flags = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
+        if str(value).strip().lower() not in flags:
+            raise invalid
+        return flags[str(value).strip().lower()]
+    if isinstance(value, bool) and kind != "str":
+        raise invalid
     try:
-        if "bool" in kind:
-            return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
         if "int" in kind and "float" not in kind:
+            if isinstance(value, float) and not value.is_integer():
+                raise invalid
             return int(value)
         if "float" in kind:
             return float(value)
-    except ValueError:
-        raise ConfigError(f"'{value}' is not a valid value for {name} ({kind}).") from None
+    except (ValueError, OverflowError):
+        raise invalid from None
     return str(value)
 
 
@@ -172,6 +203,11 @@ def expand_sweep(axes: dict[str, list[Any]], fixed: dict[str, Any] | None = None
     fixed = {_field_name(k): _coerce(_field_name(k), v) for k, v in (fixed or {}).items() if v is not None}
     names = [_field_name(key) for key in axes]
     values = [[_coerce(name, v) for v in axes[key]] for name, key in zip(names, axes, strict=True)]
+    combinations = math.prod(len(options) for options in values)
+    if combinations > MAX_SWEEP_RUNS:
+        raise ConfigError(
+            f"The sweep asks for {combinations} runs, more than {MAX_SWEEP_RUNS}; split it into smaller sweeps."
+        )
     runs: dict[str, RunConfig] = {}
     for combo in itertools.product(*values):
         settings = {**fixed, **dict(zip(names, combo, strict=True))}
@@ -194,32 +230,51 @@ def load_sweep_file(path: str | Path) -> tuple[dict[str, list[Any]], dict[str, A
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"Sweep file '{path}' does not exist.")
-    text = path.read_text()
+    if path.suffix not in (".toml", ".yaml", ".yml"):
+        raise ConfigError(f"Sweep file '{path}' must end in .toml, .yaml or .yml.")
     try:
+        text = path.read_text(encoding="utf-8")
         if path.suffix == ".toml":
             try:
                 import tomllib
             except ModuleNotFoundError:  # Python 3.10
                 import tomli as tomllib
             data = tomllib.loads(text)
-        elif path.suffix in (".yaml", ".yml"):
+        else:
             import yaml
 
-            data = yaml.safe_load(text) or {}
-        else:
-            raise ConfigError(f"Sweep file '{path}' must end in .toml, .yaml or .yml.")
-    except ConfigError:
-        raise
-    except Exception as error:
-        raise ConfigError(f"Could not parse sweep file '{path}': {error}") from None
-    unknown = set(data) - {"sweep", "fixed"}
+            data = yaml.safe_load(text)
+    except UnicodeDecodeError as error:
+        raise ConfigError(
+            f"Sweep file '{path}' is not UTF-8 text (byte {error.start} is not); save it as UTF-8."
+        ) from None
+    except Exception as error:  # the parsers' errors, and RecursionError or ValueError for pathological nesting
+        raise ConfigError(f"Could not parse sweep file '{path}': {_parse_problem(error)}.") from None
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ConfigError(f"Sweep file '{path}' must hold the tables [sweep] and [fixed], not a {type(data).__name__}.")
+    unknown = sorted(str(section) for section in data if section not in ("sweep", "fixed"))
     if unknown:
-        raise ConfigError(f"Sweep file '{path}' has unknown sections {sorted(unknown)}; use [sweep] and [fixed].")
-    axes = {k: v if isinstance(v, list) else [v] for k, v in (data.get("sweep") or {}).items()}
-    fixed = dict(data.get("fixed") or {})
-    for key in [*axes, *fixed]:
+        raise ConfigError(f"Sweep file '{path}' has unknown sections {brief(unknown)}; use [sweep] and [fixed].")
+    tables = {section: {} if data.get(section) is None else data[section] for section in ("sweep", "fixed")}
+    for section, table in tables.items():
+        if not isinstance(table, dict):
+            raise ConfigError(f"[{section}] of sweep file '{path}' must be a table of keys, not {brief(table)}.")
+    axes = {key: value if isinstance(value, list) else [value] for key, value in tables["sweep"].items()}
+    for key in [*axes, *tables["fixed"]]:
         _field_name(key)
-    return axes, fixed
+    for key, values in axes.items():
+        if not values:
+            raise ConfigError(f"[sweep] {key} of sweep file '{path}' lists no values; give one or more, or remove it.")
+    return axes, dict(tables["fixed"])
+
+
+def _parse_problem(error: Exception) -> str:
+    """A parser's complaint on one line: YAML's problem and position (its text spans several lines), or the text."""
+    mark = getattr(error, "problem_mark", None)
+    if getattr(error, "problem", None) and mark is not None:
+        return f"{error.problem} at line {mark.line + 1}, column {mark.column + 1}"
+    return one_line(error).rstrip(".") or type(error).__name__
 
 
 @dataclass

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from fastprompt.kernels.prograd_update import UpdateStats, prograd_update
 from fastprompt.train.config import RunConfig, Schedule
+from fastprompt.train.memory import resolve_class_chunk
 
 SUM_COLUMNS = ("loss", "correct", "seen", "cos", "conflicts")
 
@@ -47,6 +48,7 @@ class RunState:
     totals: dict[str, float] = field(default_factory=dict)
     status: str = "running"
     reason: str | None = None
+    divergence: dict | None = None  # a failed run's {"step", "epoch", "detected_at_step"} (result.json)
 
     @property
     def epoch(self) -> int:
@@ -75,6 +77,9 @@ class RunState:
             "generator": self.generator.get_state(),
             "log": self.log,
             "totals": self.totals,
+            "status": self.status,  # a run checkpointed at its end is written from its checkpoint after a kill
+            "reason": self.reason,
+            "divergence": self.divergence,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -82,6 +87,8 @@ class RunState:
         self.order, self.views = state["order"], state["views"]
         self.generator.set_state(state["generator"])
         self.log, self.totals = state["log"], state["totals"]
+        self.status, self.reason = state.get("status", "running"), state.get("reason")
+        self.divergence = state.get("divergence")
 
 
 def update_step(
@@ -111,7 +118,8 @@ class LockstepEngine:
         contexts: (P, M, W) initial contexts, fp32.
         teachers: teacher key -> normalised zero-shot weights (K, E).
         logit_scale: the model's exp(logit_scale).
-        class_chunk: classes per chunk for the memory-bounded path (None: all at once).
+        class_chunk: classes per chunk for the memory-bounded path (None: all at once; "auto": the largest chunk
+            that fits in the device's free memory, fastprompt/train/memory.py).
         update_fn: the update implementation (default: the fused kernel, or its reference off CUDA).
         autocast_dtype: bf16/fp16 autocast on CUDA (None: fp32).
     """
@@ -124,7 +132,7 @@ class LockstepEngine:
         contexts: torch.Tensor,
         teachers: dict[str, torch.Tensor],
         logit_scale: float,
-        class_chunk: int | None = None,
+        class_chunk: int | str | None = None,
         update_fn: Callable = prograd_update,
         autocast_dtype: torch.dtype | None = None,
     ) -> None:
@@ -139,12 +147,15 @@ class LockstepEngine:
         self.first_step = torch.tensor([run.step == 0 for run in runs], device=self.device)
         self.teachers = {key: weights.to(self.device, torch.float32) for key, weights in teachers.items()}
         self.logit_scale = logit_scale
-        self.class_chunk = class_chunk
+        cotangents = 2 if any(run.teacher is not None for run in runs) else 1
+        batch_size = max((run.config.batch_size for run in runs), default=1)
+        self.class_chunk = resolve_class_chunk(class_chunk, encoder, len(runs), cotangents, batch_size)
         self.update_fn = update_fn
         self.autocast_dtype = autocast_dtype
         self.segment = math.prod(self.shape)
         self.sums = torch.zeros(len(runs), len(SUM_COLUMNS), device=self.device)  # per-run sums, read when logging
         self.diverged = torch.zeros(len(runs), dtype=torch.bool, device=self.device)
+        self.diverged_at = torch.zeros(len(runs), dtype=torch.long, device=self.device)  # the run's first bad step
 
     # -------------------------------------------------------------------------------------------- bookkeeping
     @property
@@ -164,6 +175,26 @@ class LockstepEngine:
 
     def momentum_of(self, index: int) -> torch.Tensor:
         return self.momentum_buf[index * self.segment : (index + 1) * self.segment].view(self.shape)
+
+    def checkpoint(self, index: int) -> dict:
+        """Run `index`'s part of the engine's state, on the CPU: context, momentum, first-step flag, and the sums and
+        divergence flag not yet collected (kept as they are, so checkpointing never changes a logged number)."""
+        return {
+            "context": self.context(index).cpu().clone(),
+            "momentum": self.momentum_of(index).cpu().clone(),
+            "first_step": bool(self.first_step[index]),
+            "sums": self.sums[index].cpu().clone(),
+            "diverged": bool(self.diverged[index]),
+            "diverged_at": int(self.diverged_at[index]),
+        }
+
+    def restore(self, index: int, state: dict) -> None:
+        """Put back what `checkpoint` returned (a checkpoint without sums or flags: zero sums, not diverged)."""
+        self.set_state(index, state["context"], state["momentum"], state["first_step"])
+        if "sums" in state:
+            self.sums[index] = state["sums"].to(self.sums)
+        self.diverged[index] = bool(state.get("diverged", False))
+        self.diverged_at[index] = int(state.get("diverged_at", 0))
 
     # ------------------------------------------------------------------------------------------------- step
     def step(self) -> list[int]:
@@ -186,6 +217,10 @@ class LockstepEngine:
         labels = labels_pad.to(self.device, non_blocking=True)
         images = self.features[rows_pad.to(self.device), views_pad.to(self.device)] * mask[..., None]
         contexts = torch.stack([self.context(i) for i in active])
+        # A diverged run (frozen until it is collected) joins the shared passes with a zero context: whatever a
+        # batched kernel does, its NaN or inf meets the other runs' numbers in one step at most.
+        frozen = self.diverged[torch.tensor(active).to(self.device, non_blocking=True)]
+        contexts = torch.where(frozen[:, None, None], 0.0, contexts)
         needs_teacher = [self.runs[i].teacher is not None for i in active]
         teacher_logits = None
         if any(needs_teacher):
@@ -227,19 +262,20 @@ class LockstepEngine:
         return (grads[0], grads[1] if with_teacher else None), losses
 
     def _update(self, active: list[int], grads, losses: dict[str, torch.Tensor]) -> None:
-        """Projection + SGD for the active runs. No host synchronisation: a run whose loss or gradient is not finite
-        gets a zero step and a flag that the caller reads when it logs (`collect`)."""
+        """Projection + SGD for the active runs. No host synchronisation: a run whose loss, gradient or updated
+        context is not finite keeps its context from before that step, is frozen from then on (zero steps), and is
+        flagged with that step's number; the caller reads the flag when it closes the run's epoch (`collect`)."""
         g_d, g_g = grads
         runs = [self.runs[i] for i in active]
         index = torch.tensor(active, device=self.device)
-        finite = torch.isfinite(losses["ce"]) & torch.isfinite(g_d.flatten(1)).all(dim=1)
+        # A diverged run stays frozen (zero steps) until it is collected and leaves the group.
+        finite = finite_rows(losses["ce"], g_d) & ~self.diverged[index]
         if g_g is not None:
-            finite &= torch.isfinite(losses["kl"]) & torch.isfinite(g_g.flatten(1)).all(dim=1)
+            finite &= finite_rows(losses["kl"], g_g)
             alpha = torch.tensor([r.config.alpha if r.config.method == "kd" else 0.0 for r in runs], device=self.device)
             g_d = g_d + alpha[:, None, None] * g_g  # KD: one gradient of L_ce + alpha * L_kl (linearity), no projection
             g_g = torch.where(finite[:, None, None], g_g, 0.0)
         g_d = torch.where(finite[:, None, None], g_d, 0.0)
-        self.diverged[index] |= ~finite
         # The active runs' segments are gathered into contiguous buffers, updated in place, scattered back.
         pieces = (index[:, None] * self.segment + torch.arange(self.segment, device=self.device)).reshape(-1)
         params, momentum_buf = self.params[pieces], self.momentum_buf[pieces]
@@ -263,7 +299,18 @@ class LockstepEngine:
             self.first_step[index],
             self.update_fn,
         )
+        # An update that left a context non-finite (an overflow, or a NaN from the update itself) is not kept.
+        kept = finite_rows(params.view(len(active), -1))
+        if not (kept_all := _all_true(kept)):
+            kept_elements = kept.repeat_interleave(self.segment)
+            params = torch.where(kept_elements, params, self.params[pieces])
+            momentum_buf = torch.where(kept_elements, momentum_buf, self.momentum_buf[pieces])
         self.params[pieces], self.momentum_buf[pieces] = params, momentum_buf
+        bad = ~(finite & kept) & ~self.diverged[index]  # newly diverged at this step (1-based: run.step + 1)
+        step_numbers = torch.tensor([r.step + 1 for r in runs]).to(self.device, non_blocking=True)
+        self.diverged_at[index] = torch.where(bad, step_numbers, self.diverged_at[index])
+        self.diverged[index] |= bad
+        finite = finite if kept_all else finite & kept
         self.first_step[index] = False
         zeros = torch.zeros_like(losses["ce"])
         cos = stats.cos.float() if g_g is not None else zeros
@@ -284,14 +331,33 @@ class LockstepEngine:
         for key, value in zip(SUM_COLUMNS, sums, strict=True):
             run.totals[key] = run.totals.get(key, 0.0) + value
         if bool(self.diverged[index]) and run.status == "running":
+            step = int(self.diverged_at[index])
+            epoch = (step - 1) // run.schedule.iterations + 1
             run.status = "failed"
-            run.reason = f"loss or gradient became NaN/inf by step {run.step} (epoch {run.epoch}): diverged"
+            run.divergence = {"step": step, "epoch": epoch, "detected_at_step": run.step}
+            run.reason = (
+                f"diverged: the loss, gradient or updated context became NaN/inf at step {step} (epoch {epoch}), "
+                f"found at step {run.step}; the saved prompt is the context from before step {step}"
+            )
         return run.status != "failed"
 
     def _autocast(self):
         if self.autocast_dtype is None or self.device.type != "cuda":
             return torch.autocast(device_type="cpu", enabled=False)
         return torch.autocast(device_type="cuda", dtype=self.autocast_dtype)
+
+
+def finite_rows(*tensors: torch.Tensor) -> torch.Tensor:
+    """(P,) bool: whether row p of every tensor (each (P, ...)) is all finite: the divergence check of each step."""
+    finite = torch.isfinite(tensors[0].flatten(1)).all(dim=1) if tensors[0].dim() > 1 else torch.isfinite(tensors[0])
+    for tensor in tensors[1:]:
+        finite &= torch.isfinite(tensor.flatten(1)).all(dim=1) if tensor.dim() > 1 else torch.isfinite(tensor)
+    return finite
+
+
+def _all_true(flags: torch.Tensor) -> bool:
+    """Whether all flags are set, without a host synchronisation on CUDA (where it answers False, the safe side)."""
+    return flags.device.type == "cpu" and bool(flags.all())
 
 
 class _Head:

@@ -6,36 +6,36 @@ import json
 import math
 import os
 import statistics
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from fastprompt.atomic import append_line, full_disk_reported, remove_stale_temporaries, write_bytes
 from fastprompt.train.config import RunConfig
 
 INDEX = "results.jsonl"
 SUMMARY_KEYS = ("accuracy", "base_accuracy", "new_accuracy", "harmonic_mean")
 
 
-def atomic_write_bytes(path: Path, payload: bytes) -> None:
-    """Write to a temporary file beside `path`, fsync, then rename over it: readers never see half a file."""
+INDEX_POINT = "index"  # the fault points of the results.jsonl line (fastprompt/faults.py)
+RUN_FILES = {"prompt.safetensors": "prompt", "log.jsonl": "log", "result.json": "result", "checkpoint.pt": "checkpoint"}
+PREVIOUS_CHECKPOINT = "checkpoint.prev.pt"  # the checkpoint before the newest: a kill mid-checkpoint falls back to it
+KEPT = "finished runs are kept, the others resume from their last checkpoint"  # what a full disk leaves
+
+
+def atomic_write_bytes(path: Path, payload: bytes, point: str | None = None) -> None:
+    """Write to a temporary file beside `path`, fsync, then rename over it: readers never see half a file.
+
+    `point` names the write's fault points (fastprompt/faults.py); default: the file's name.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(payload)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    write_bytes(path, payload, point or RUN_FILES.get(path.name, path.name))
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
+def atomic_write_text(path: Path, text: str, point: str | None = None) -> None:
+    atomic_write_bytes(path, text.encode(), point)
 
 
 def _clean(value: Any) -> Any:
@@ -67,8 +67,14 @@ class ResultWriter:
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
-        self._records = self._repair_index()
+        with full_disk_reported("the sweep folder", self.root.parent, KEPT):
+            self.root.mkdir(parents=True, exist_ok=True)
+        folders = [folder for folder in self.root.iterdir() if folder.is_dir()]
+        remove_stale_temporaries(self.root, *folders, names=frozenset({INDEX, *RUN_FILES}))
+        with full_disk_reported(INDEX, self.root, KEPT):
+            self._records = self._repair_index()
+        for run_id in self._records:  # a kill between a run's index line and the removal of its checkpoints
+            self.remove_checkpoints(run_id)
 
     def _repair_index(self) -> dict[str, dict]:
         """Read results.jsonl, dropping a torn last line, and add runs whose result.json exists but whose line
@@ -77,7 +83,9 @@ class ResultWriter:
         index = self.root / INDEX
         changed = False
         if index.exists():
-            for line in index.read_text().splitlines():
+            text = index.read_text()
+            changed = bool(text) and not text.endswith("\n")  # the next line appended must start a line of its own
+            for line in text.splitlines():
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError:
@@ -92,7 +100,7 @@ class ResultWriter:
                 records[run_id] = run_record(json.loads(result_path.read_text()))
                 changed = True
         if changed:
-            atomic_write_text(index, "".join(json.dumps(r) + "\n" for r in records.values()))
+            atomic_write_text(index, "".join(json.dumps(r) + "\n" for r in records.values()), "index-repair")
         return records
 
     def finished(self, run_id: str) -> bool:
@@ -113,25 +121,28 @@ class ResultWriter:
         log: list[dict] | None = None,
         status: str = "done",
         reason: str | None = None,
+        divergence: dict | None = None,
     ) -> dict:
         """Write the run's folder (prompt, log, then result.json last) and append its results.jsonl line."""
         from fastprompt.env import environment
 
         folder = self.root / config.run_id
-        folder.mkdir(parents=True, exist_ok=True)
         if context is not None:
             from safetensors.torch import save
 
-            atomic_write_bytes(
-                folder / "prompt.safetensors", save({"ctx": context.detach().float().cpu().contiguous()})
-            )
+            with full_disk_reported(f"prompt.safetensors of run {config.run_id}", self.root, KEPT):
+                atomic_write_bytes(
+                    folder / "prompt.safetensors", save({"ctx": context.detach().float().cpu().contiguous()})
+                )
         if log is not None:
-            atomic_write_text(folder / "log.jsonl", "".join(json.dumps(_clean(r)) + "\n" for r in log))
+            with full_disk_reported(f"log.jsonl of run {config.run_id}", self.root, KEPT):
+                atomic_write_text(folder / "log.jsonl", "".join(json.dumps(_clean(r)) + "\n" for r in log))
         manifest = cache.manifest
         result = {
             "run_id": config.run_id,
             "status": status,
             "reason": reason,
+            "divergence": divergence,  # a diverged run: {"step", "epoch", "detected_at_step"} (engine.collect)
             "config": config.to_dict(),
             "cache": {
                 "path": str(cache.path),
@@ -145,28 +156,52 @@ class ResultWriter:
             "timings": timings,
             "environment": environment(),
         }
-        atomic_write_text(folder / "result.json", json.dumps(result, indent=1))
+        with full_disk_reported(f"result.json of run {config.run_id}", self.root, KEPT):
+            atomic_write_text(folder / "result.json", json.dumps(result, indent=1))
         record = run_record(result)
-        with open(self.root / INDEX, "a") as index:
-            index.write(json.dumps(record) + "\n")
-            index.flush()
-            os.fsync(index.fileno())
+        with full_disk_reported(f"the {INDEX} line of run {config.run_id}", self.root, KEPT):
+            append_line(self.root / INDEX, json.dumps(record) + "\n", INDEX_POINT)
         self._records[config.run_id] = record
-        (folder / "checkpoint.pt").unlink(missing_ok=True)
+        self.remove_checkpoints(config.run_id)
         return result
 
     def save_checkpoint(self, run_id: str, state: dict) -> None:
+        """Write checkpoint.pt atomically; the one it replaces stays as checkpoint.prev.pt (sweep.py `_restore`)."""
         import io
 
         buffer = io.BytesIO()
         torch.save(state, buffer)
-        atomic_write_bytes(self.root / run_id / "checkpoint.pt", buffer.getvalue())
+        path = self.root / run_id / "checkpoint.pt"
+        with full_disk_reported(f"the checkpoint of run {run_id}", self.root, KEPT):
+            if path.exists():
+                os.replace(path, path.with_name(PREVIOUS_CHECKPOINT))
+            atomic_write_bytes(path, buffer.getvalue())
 
     def load_checkpoint(self, run_id: str) -> dict | None:
+        """The run's newest checkpoint, or None."""
         path = self.root / run_id / "checkpoint.pt"
         if not path.exists():
             return None
         return torch.load(path, map_location="cpu", weights_only=False)
+
+    def load_checkpoints(self, run_id: str) -> dict[str, dict]:
+        """The run's checkpoints by file name: the newest (checkpoint.pt) and the one before it, where they exist."""
+        paths = [self.root / run_id / name for name in ("checkpoint.pt", PREVIOUS_CHECKPOINT)]
+        return {path.name: torch.load(path, map_location="cpu", weights_only=False) for path in paths if path.exists()}
+
+    def keep_checkpoint(self, run_id: str, name: str | None) -> None:
+        """Keep only the checkpoint file `name` of the run, as checkpoint.pt (None: keep none): a run resumed at an
+        older step forgets its newer checkpoint, which a later checkpoint would otherwise keep as the previous one."""
+        folder = self.root / run_id
+        if name == PREVIOUS_CHECKPOINT:
+            os.replace(folder / PREVIOUS_CHECKPOINT, folder / "checkpoint.pt")
+        elif name is None:
+            (folder / "checkpoint.pt").unlink(missing_ok=True)
+        (folder / PREVIOUS_CHECKPOINT).unlink(missing_ok=True)
+
+    def remove_checkpoints(self, run_id: str) -> None:
+        for name in ("checkpoint.pt", PREVIOUS_CHECKPOINT):
+            (self.root / run_id / name).unlink(missing_ok=True)
 
 
 def summary_table(records: list[dict], key: str = "accuracy") -> str:

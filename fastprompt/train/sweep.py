@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from fastprompt.cache.network import load_cache_clip
 from fastprompt.errors import FastPromptError
 from fastprompt.kernels.prograd_update import prograd_update
+from fastprompt.locks import FolderLock
 from fastprompt.prompt import random_context
 from fastprompt.templates import ensemble_templates, template_prefix
 from fastprompt.train.config import RunConfig, Schedule
@@ -34,7 +35,7 @@ class SweepOptions:
     """How a sweep runs (not what it computes: that is in the RunConfigs)."""
 
     device: str = "cpu"
-    class_chunk: int | None = None  # classes per chunk for the memory-bounded encoder pass
+    class_chunk: int | str | None = None  # classes per chunk of the encoder pass; "auto": fit free memory (memory.py)
     checkpoint_minutes: float = 10.0  # 0: checkpoint after every step
     progress: bool = True
     max_group: int = 64  # runs trained together at most (memory)
@@ -111,8 +112,16 @@ def run_sweep(cache, clip, configs: list[RunConfig], out_dir: Path, options: Swe
         configs: resolved RunConfigs of `cache.dataset`.
         out_dir: the sweep folder.
         options: device, chunking, checkpointing, progress.
+
+    Raises:
+        FolderInUseError: another process is running a sweep in `out_dir` (one writer per folder: fastprompt/locks.py).
     """
-    options = options or SweepOptions()
+    with FolderLock(out_dir, "fastprompt train", remedy="pass another --out"):
+        return _sweep(cache, clip, configs, Path(out_dir), options or SweepOptions())
+
+
+def _sweep(cache, clip, configs: list[RunConfig], out_dir: Path, options: SweepOptions) -> list[dict]:
+    """`run_sweep` with the sweep folder locked."""
     writer = ResultWriter(Path(out_dir))
     for config in configs:
         if config.dataset != cache.dataset:
@@ -128,21 +137,23 @@ def run_sweep(cache, clip, configs: list[RunConfig], out_dir: Path, options: Swe
             metrics["targets"] = targets.zero_shot_accuracies(config.method == "zeroshot_ensemble")
         writer.write(config, cache, metrics, *rest)
     groups: dict[tuple, list[RunConfig]] = defaultdict(list)
-    for config in [c for c in pending if c.uses_prompt]:
+    for config in [c for c in configs if c.uses_prompt]:  # finished runs too: a rerun's groups are the first run's
         prefix = template_prefix(prograd_tpl) if config.init == "template" else None
         key = (config.setting, prefix, config.n_ctx, config.position, config.class_specific, config.precision)
         groups[key].append(config)
-    total = sum(_total_steps(c, views[c.setting]) for cs in groups.values() for c in cs)
+    chunks = [
+        (key, [c for c in members[start : start + options.max_group] if not writer.finished(c.run_id)])
+        for key, members in groups.items()
+        for start in range(0, len(members), options.max_group)
+    ]
+    chunks = [(key, chunk) for key, chunk in chunks if chunk]
+    total = sum(_total_steps(c, views[c.setting]) for _, chunk in chunks for c in chunk)
     progress = _progress(total, options.progress)
-    for (setting, prefix, *_), members in groups.items():
-        for start in range(0, len(members), options.max_group):
-            chunk = members[start : start + options.max_group]
-            done = _train_group(
-                chunk, views[setting], clip, prefix, prograd_tpl, writer, options, progress, cache, targets
-            )
-            if not done:
-                progress.close()
-                return writer.records()
+    for (setting, prefix, *_), chunk in chunks:
+        done = _train_group(chunk, views[setting], clip, prefix, prograd_tpl, writer, options, progress, cache, targets)
+        if not done:
+            progress.close()
+            return writer.records()
     progress.close()
     return writer.records()
 
@@ -201,15 +212,21 @@ def _train_group(configs, view, clip, prefix, prograd_tpl, writer, options, prog
         update_fn=options.update_fn,
         autocast_dtype=AUTOCAST[first.precision],
     )
-    for index, run in enumerate(runs):
-        state = writer.load_checkpoint(run.config.run_id)
-        if state is not None:
-            run.load_state_dict(state["run"])
-            engine.set_state(index, state["context"], state["momentum"], state["first_step"])
-            progress.update(run.step)
+    _restore(engine, writer, progress)
     last_checkpoint, steps, finished = time.monotonic(), 0, 0
     started = time.monotonic()
+    ending = _ended(engine, writer)  # runs restored at their end: checkpointed, killed before they were written
+    stopping = False
     while True:
+        for index in ending:
+            run = engine.runs[index]
+            _finish(run, engine.context(index), encoder, new_encoder, view, writer, keys, started, cache, targets)
+            finished += 1
+            progress.set_postfix_str(f"runs {finished}/{len(configs)} done")
+        if not engine.active:
+            return True
+        if stopping:
+            return False
         stepped = engine.step()
         progress.update(len(stepped))
         steps += 1
@@ -217,17 +234,10 @@ def _train_group(configs, view, clip, prefix, prograd_tpl, writer, options, prog
             run = engine.runs[index]
             if run.step % run.schedule.iterations == 0 and engine.collect(index):
                 _close_epoch(run, encoder, engine.context(index), view)
-        for index, run in enumerate(engine.runs):
-            if (run.done or run.status == "failed") and not writer.finished(run.config.run_id):
-                _finish(run, engine.context(index), encoder, new_encoder, view, writer, keys, started, cache, targets)
-                finished += 1
-                progress.set_postfix_str(f"runs {finished}/{len(configs)} done")
-        if not engine.active:
-            return True
-        if options.stop_after_steps is not None and steps >= options.stop_after_steps:
-            _checkpoint(engine, writer)
-            return False
-        if time.monotonic() - last_checkpoint >= options.checkpoint_minutes * 60:
+        ending = _ended(engine, writer)
+        stopping = options.stop_after_steps is not None and steps >= options.stop_after_steps
+        if ending or stopping or time.monotonic() - last_checkpoint >= options.checkpoint_minutes * 60:
+            # Before any run of this step is written (docs/reliability.md): a rerun resumes the group here as one.
             _checkpoint(engine, writer)
             last_checkpoint = time.monotonic()
 
@@ -285,21 +295,56 @@ def _finish(run, context, encoder, new_encoder, view, writer, keys, started, cac
         log=run.log,
         status=run.status if run.status == "failed" else "done",
         reason=run.reason,
+        divergence=run.divergence,
     )
 
 
+def _ended(engine: LockstepEngine, writer: ResultWriter) -> list[int]:
+    """The runs that finished or failed and are not written yet."""
+    return [
+        index
+        for index, run in enumerate(engine.runs)
+        if (run.done or run.status == "failed") and not writer.finished(run.config.run_id)
+    ]
+
+
 def _checkpoint(engine: LockstepEngine, writer: ResultWriter) -> None:
+    """Checkpoint every run of the group not yet written (ended ones too), all at the same step.
+
+    Nothing is collected here: the sums not yet logged travel in the checkpoint as they are, so when checkpoints
+    happen never changes a logged loss or when a divergence is found.
+    """
+    group = [run.config.run_id for run in engine.runs]
     for index, run in enumerate(engine.runs):
-        if run.status == "running" and not run.done and engine.collect(index):
+        if not writer.finished(run.config.run_id):
             writer.save_checkpoint(
-                run.config.run_id,
-                {
-                    "run": run.state_dict(),
-                    "context": engine.context(index).cpu().clone(),
-                    "momentum": engine.momentum_of(index).cpu().clone(),
-                    "first_step": bool(engine.first_step[index]),
-                },
+                run.config.run_id, {"run": run.state_dict(), "group": group, **engine.checkpoint(index)}
             )
+
+
+def _restore(engine: LockstepEngine, writer: ResultWriter, progress) -> None:
+    """Resume every run of the group at the last step at which all of them were checkpointed.
+
+    A kill in the middle of a checkpoint leaves some runs at the new step and the others at the one before, which
+    every run keeps (checkpoint.prev.pt). Resuming all at one step keeps the group's composition at every later step
+    what it was in an uninterrupted sweep, and with it every result bit for bit. A group that changed since (a run
+    added to the sweep) resumes each run from its newest checkpoint: the same results up to float rounding.
+    """
+    ids = [run.config.run_id for run in engine.runs]
+    saved = [writer.load_checkpoints(run_id) for run_id in ids]  # {file name: state}
+    names = [{state["run"]["step"]: name for name, state in files.items()} for files in saved]  # {step: file name}
+    common = min(max(steps, default=0) for steps in names)
+    same_group = all(set(ids) <= set(state.get("group", ())) for files in saved for state in files.values())
+    for index, (run, files, steps) in enumerate(zip(engine.runs, saved, names, strict=True)):
+        if same_group:
+            name = steps.get(common)  # None where not all were checkpointed yet: start afresh
+            writer.keep_checkpoint(run.config.run_id, name)
+        else:
+            name = steps[max(steps)] if steps else None
+        if name is not None:
+            run.load_state_dict(files[name]["run"])
+            engine.restore(index, files[name])
+            progress.update(run.step)
 
 
 def _linear_probe_metrics(view: DatasetView, config: RunConfig, rows: torch.Tensor, labels: torch.Tensor) -> dict:
