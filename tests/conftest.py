@@ -1,4 +1,5 @@
-"""Suite-wide fixtures and tiers: the default run is CPU only; `gpu` tests skip without CUDA, `slow` without --runslow."""
+"""Suite-wide fixtures and tiers: the default run is CPU only; `gpu` tests skip without CUDA, `slow` without
+--runslow."""
 
 from __future__ import annotations
 

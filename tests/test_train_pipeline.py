@@ -24,6 +24,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from fake_cache import Split as _Split
+from fake_cache import Subset as _Subset
 from fastprompt.kernels.prograd_update import prograd_update_ref
 from numerics import assert_close, relative_error
 
@@ -146,19 +148,6 @@ def test_runs_with_several_batches_and_views_equal_plain_trainer(clip):
 
 
 # ---------------------------------------------------------------------------------------------- properties
-@dataclass
-class _Split:
-    features: torch.Tensor
-    labels: torch.Tensor
-    keys: list[str]
-
-
-@dataclass
-class _Subset:
-    train_index: torch.Tensor
-    val_index: torch.Tensor
-    train_keys: list[str]
-    val_keys: list[str]
 
 
 class ViewCache:

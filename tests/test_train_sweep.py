@@ -11,12 +11,13 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from fake_cache import Split as _Split
+from fake_cache import Subset as _Subset
 from fastprompt.cli.app import load_commands
 from fastprompt.kernels.prograd_update import prograd_update, prograd_update_ref
 from numerics import assert_close
@@ -40,19 +41,6 @@ from fastprompt.train.sweep import SweepOptions, run_sweep
 NAMES = ["abyssinian", "bengal", "boxer", "pug", "samoyed"]
 
 
-@dataclass
-class _Split:
-    features: torch.Tensor
-    labels: torch.Tensor
-    keys: list[str]
-
-
-@dataclass
-class _Subset:
-    train_index: torch.Tensor
-    val_index: torch.Tensor
-    train_keys: list[str]
-    val_keys: list[str]
 
 
 class FakeCache:

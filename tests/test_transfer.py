@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from fake_cache import Split as _Split
+from fake_cache import Subset as _Subset
 from safetensors.torch import load_file
 
 from fastprompt.clip import load_clip
@@ -26,18 +27,6 @@ TEXTURES = ["banded", "bubbly", "cracked", "dotted", "knitted", "striped", "wove
 TEXTURES_PREFIX = "a texture of"  # no comma: every template token is context, nothing fixed after it
 
 
-@dataclass
-class _Split:
-    features: torch.Tensor
-    labels: torch.Tensor
-
-
-@dataclass
-class _Subset:
-    train_index: torch.Tensor
-    val_index: torch.Tensor
-    train_keys: list[str]
-    val_keys: list[str]
 
 
 class FakeCache:
