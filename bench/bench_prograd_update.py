@@ -15,12 +15,14 @@ Without a GPU: says so, runs the fused kernels on the Triton interpreter against
 machine's load (wall-clock medians and 20 % / 80 % quantiles, about a minute per thread count), at each thread count
 of --threads, into bench/results/prograd_update_cpu.csv (the device column names the thread count), exits 0. The CPU
 cases: S x L equal segments (as before), runs of three tensors of very different lengths (8192 + 65536 + 32 per run:
-a 16 x 512 context, a larger tensor, a bias) for 4 and 32 runs, and 64 segments of random lengths (no period).
+a 16 x 512 context, a larger tensor, a bias) for 4 and 32 runs, 64 segments of random lengths (no period), and
+CoCoOp's five tensors per run on RN50 (2048 + 65536 + 64 + 32768 + 512: context, meta-net weights and biases) for 4
+and 32 runs (on a GPU also 256 and 1024 runs).
 
 Usage:
     python bench/bench_prograd_update.py                # full sweep on a GPU, the CPU path otherwise
     python bench/bench_prograd_update.py --quick        # a smaller sweep (CPU: two small cases)
-    python bench/bench_prograd_update.py --quick --out /tmp/update.csv    # rows to another CSV
+    python bench/bench_prograd_update.py --quick --out update.csv    # rows to another CSV
     python bench/bench_prograd_update.py --threads 1    # CPU: one thread count only (default 1,2)
     python bench/plot_prograd_update.py                 # PNG plots of the CSVs
 """
@@ -65,6 +67,10 @@ CPU_IMPLS = {"ref": prograd_update_ref, "loop": prograd_update_loop, "cpu_fast":
 CPU_UNIFORM = [(1, 8192), (16, 8192), (128, 8192), (1, 1 << 17), (16, 1 << 17)]
 RUN_TENSORS = [8192, 65536, 32]  # per run: a 16 x 512 context, a larger tensor, a bias
 RANDOM_LENGTHS = (64, 16384)  # segments, longest length: random lengths from 1, no period
+# Per CoCoOp run on RN50 (W 512, D 1024, n_ctx 4; fastprompt/train/cocoop.py): ctx 4 x 512, meta-net linear1 weight
+# 64 x 1024 and bias 64, linear2 weight 512 x 64 and bias 512: five segments of very different lengths.
+COCOOP_TENSORS = [4 * 512, 64 * 1024, 64, 512 * 64, 512]
+COCOOP_RUNS = (4, 32)  # CPU cases; the GPU sweep adds 256 and 1024 runs
 
 
 def cpu_cases() -> list[tuple[str, list[int]]]:
@@ -74,7 +80,12 @@ def cpu_cases() -> list[tuple[str, list[int]]]:
     count, longest = RANDOM_LENGTHS
     lengths = torch.randint(1, longest + 1, (count,), generator=torch.Generator().manual_seed(64)).tolist()
     cases.append((f"random 1..{longest}", lengths))
+    cases += [(cocoop_label(), COCOOP_TENSORS * runs) for runs in COCOOP_RUNS]  # after the others: --quick unchanged
     return cases
+
+
+def cocoop_label() -> str:
+    return "cocoop " + "+".join(map(str, COCOOP_TENSORS))
 
 
 def git_commit() -> str:
@@ -217,8 +228,6 @@ def row(env, mode, impl, grad_dtype, segments, length, timing, copy_gbps, num_el
 
 
 def run_gpu(quick: bool, out: Path) -> None:
-    import triton.testing
-
     device = torch.device("cuda")
     interpreter_check(device)
     env = environment(device)
@@ -227,29 +236,38 @@ def run_gpu(quick: bool, out: Path) -> None:
     for grad_dtype in (torch.float32, torch.bfloat16):
         for segments in segment_counts:
             for length in lengths:
-                num_elements = segments * length
-                # Inputs, the reference's fp64 temporaries and segment ids: about 80 bytes per element at most.
-                if num_elements * 80 > 0.6 * torch.cuda.mem_get_info(device)[0]:
-                    print(f"skip {segments} x {length}: beyond memory")
-                    continue
-                moved = bytes_moved(num_elements, grad_dtype)
-                source = torch.empty(moved // 2, dtype=torch.uint8, device=device)
-                target = torch.empty_like(source)
-                copy_ms = triton.testing.do_bench(lambda s=source, t=target: t.copy_(s), quantiles=[0.5])
-                copy_gbps = moved / (copy_ms * 1e-3) / 1e9
-                source = target = None  # free before the inputs are built
-                case = make_inputs(segments, length, device, grad_dtype)
-                rows = []
-                for impl, fn in IMPLS.items():
-                    timing = triton.testing.do_bench(lambda fn=fn, c=case: fn(**c), quantiles=[0.5, 0.2, 0.8])
-                    rows.append(row(env, "gpu", impl, grad_dtype, segments, length, timing, copy_gbps))
-                    print(
-                        f"{impl:5s} {str(grad_dtype):15s} S={segments:5d} L={length:8d}: {timing[0]:9.4f} ms "
-                        f"{rows[-1]['gbps']:>8s} GB/s ({rows[-1]['fraction_of_copy']} of copy)"
-                    )
-                write_rows(out, rows)  # case by case: a sweep stopped by a time limit keeps what it measured
-                case = None
-                torch.cuda.empty_cache()
+                gpu_case(env, device, grad_dtype, str(length), [length] * segments, out)
+        for runs in (*COCOOP_RUNS, 256, 1024):
+            gpu_case(env, device, grad_dtype, cocoop_label(), COCOOP_TENSORS * runs, out)
+
+
+def gpu_case(env: dict, device: torch.device, grad_dtype, label: str, lengths: list[int], out: Path) -> None:
+    """Time every implementation on one case of segment `lengths` (`label` names them) and append its rows."""
+    import triton.testing
+
+    segments, num_elements = len(lengths), sum(lengths)
+    # Inputs, the reference's fp64 temporaries and segment ids: about 80 bytes per element at most.
+    if num_elements * 80 > 0.6 * torch.cuda.mem_get_info(device)[0]:
+        print(f"skip {segments} x {label}: beyond memory")
+        return
+    moved = bytes_moved(num_elements, grad_dtype)
+    source = torch.empty(moved // 2, dtype=torch.uint8, device=device)
+    target = torch.empty_like(source)
+    copy_ms = triton.testing.do_bench(lambda s=source, t=target: t.copy_(s), quantiles=[0.5])
+    copy_gbps = moved / (copy_ms * 1e-3) / 1e9
+    source = target = None  # free before the inputs are built
+    case = make_inputs_for_lengths(lengths, device, grad_dtype)
+    rows = []
+    for impl, fn in IMPLS.items():
+        timing = triton.testing.do_bench(lambda fn=fn, c=case: fn(**c), quantiles=[0.5, 0.2, 0.8])
+        rows.append(row(env, "gpu", impl, grad_dtype, segments, label, timing, copy_gbps, num_elements))
+        print(
+            f"{impl:5s} {str(grad_dtype):15s} S={segments:5d} L={label:>8s}: {timing[0]:9.4f} ms "
+            f"{rows[-1]['gbps']:>8s} GB/s ({rows[-1]['fraction_of_copy']} of copy)"
+        )
+    write_rows(out, rows)  # case by case: a sweep stopped by a time limit keeps what it measured
+    case = None
+    torch.cuda.empty_cache()
 
 
 def cpu_check(case: dict) -> None:
