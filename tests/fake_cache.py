@@ -10,11 +10,12 @@ import torch
 
 @dataclass
 class Split:
-    """A split as `FeatureCache.split(name)` returns it: features (N, V, D), labels (N,), keys."""
+    """A split as `FeatureCache.split(name)` returns it: features (N, V, D), labels (N,), keys, centre view (N, D)."""
 
     features: torch.Tensor
     labels: torch.Tensor
     keys: list[str] = field(default_factory=list)
+    center: torch.Tensor | None = None
 
 
 @dataclass

@@ -30,7 +30,9 @@ VOLATILE = {
     "manifest.json": (("created",),),  # the time the manifest was written
     # wall-clock time of the run (since the last restart), and the checkout's commit when the run was written (a
     # commit between a kill and the rerun changes it: one landed while these tests ran)
-    "result.json": (("timings", "train_seconds"), ("environment", "git commit")),
+    "result.json": (("timings", "train_seconds"), ("timings", "group_runs"), ("environment", "git commit")),
+    # the same timings in each run's line; `group_runs` counts the runs trained together since the last restart
+    "results.jsonl": (("train_seconds",), ("group_runs",)),
 }
 _serial = itertools.count()
 
@@ -129,12 +131,17 @@ def comparable(name: str, payload: bytes):
     fields = VOLATILE.get(Path(name).name)
     if not fields:
         return payload
-    content = json.loads(payload)
+    if name.endswith(".jsonl"):
+        return [_without(json.loads(line), fields) for line in payload.decode().splitlines()]
+    return _without(json.loads(payload), fields)
+
+
+def _without(content: dict, fields) -> dict:
     for path in fields:
         holder = content
         for key in path[:-1]:
             holder = holder[key]
-        holder.pop(path[-1])
+        holder.pop(path[-1], None)
     return content
 
 
@@ -178,7 +185,7 @@ def uninterrupted_runs(tmp_path_factory) -> dict:
         sweep = root / "reference" / "sweep"
         trained = run_cli(train_args(cache, sweep), root / "logs")
         assert trained.exitcode == 0, trained.output
-        build_report(sweep, root / "reference" / "report", plots=False)
+        build_report(sweep, root / "reference" / "report", plots=False, timings=False)
         _uninterrupted.update(root=root, images=images, cache=cache, sweep=sweep, cache_run=built, train_run=trained)
     return _uninterrupted
 
@@ -188,5 +195,5 @@ def assert_same_sweep(sweep: Path, reference: dict, report_dir: Path) -> None:
     from fastprompt.report import build_report
 
     assert_same_files(sweep, reference["sweep"])
-    build_report(sweep, report_dir, plots=False)
+    build_report(sweep, report_dir, plots=False, timings=False)
     assert_same_files(report_dir, reference["root"] / "reference" / "report")

@@ -3,9 +3,10 @@ same command finishes the job once there is space again, with the same files as 
 
 The fault hook (fastprompt/faults.py) raises OSError(ENOSPC) at a chosen write point of a child process. The write
 points are named `<file>:<stage>` (docs/reliability.md): cache 12 (plan.json, shard, shard-record, manifest.json, each
-at write, rename, done), train 17 (prompt, log, result, checkpoint, index-repair at the same three stages, and the
-results.jsonl line at append and done). The default tier fails a write of every kind of file (in the middle of the
-write, or at the sync before the rename); the slow tier fails at all 29 points and at random occurrences of them.
+at write, rename, done), train 20 (prompt, predictions, log, result, checkpoint, index-repair at the same three
+stages, and the results.jsonl line at append and done). The default tier fails a write of every kind of file (in the
+middle of the write, or at the sync before the rename); the slow tier fails at all 32 points of cache and train and at
+random occurrences of them.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ WHAT = {  # the file a failed write names, by its point
     "shard-record": r"the progress record of shard (train|val|test)-\d{5}\.tar",
     "manifest.json": r"manifest\.json",
     "prompt": r"prompt\.safetensors of run \S+",
+    "predictions": r"predictions\.npz of run \S+",
     "log": r"log\.jsonl of run \S+",
     "result": r"result\.json of run \S+",
     "index": r"the results\.jsonl line of run \S+",
@@ -45,7 +47,7 @@ WHAT = {  # the file a failed write names, by its point
 }
 CACHE_POINTS = [f"{file}:{stage}" for file in ("plan.json", "shard", "shard-record", "manifest.json")
                 for stage in ("write", "rename", "done")]  # fmt: skip
-TRAIN_POINTS = [f"{file}:{stage}" for file in ("checkpoint", "prompt", "log", "result")
+TRAIN_POINTS = [f"{file}:{stage}" for file in ("checkpoint", "prompt", "predictions", "log", "result")
                 for stage in ("write", "rename", "done")] + ["index:append", "index:done"]  # fmt: skip
 REPAIR_POINTS = ["index-repair:write", "index-repair:rename", "index-repair:done"]  # after a kill that needs a repair
 
@@ -101,7 +103,7 @@ def test_cache_full_disk_at_each_write(reference, tmp_path):
 
 
 def test_train_full_disk_at_each_write(reference, tmp_path):
-    points = ["checkpoint:write", "prompt:write", "log:rename", "result:write", "index:append"]
+    points = ["checkpoint:write", "prompt:write", "predictions:write", "log:rename", "result:write", "index:append"]
     faults = [("enospc_at", p) for p in points] + [("kill_at", "result:done@2"), ("enospc_at", "index-repair:write")]
     out = tmp_path / "sweep"
     failed = fill_disk_then_finish(train_args(reference["cache"], out), out, faults, tmp_path / "logs", TRAIN_KEPT)

@@ -41,8 +41,6 @@ from fastprompt.train.sweep import SweepOptions, run_sweep
 NAMES = ["abyssinian", "bengal", "boxer", "pug", "samoyed"]
 
 
-
-
 class FakeCache:
     """An in-memory stand-in for FeatureCache with the same interface (random features, 2 views)."""
 

@@ -27,8 +27,6 @@ TEXTURES = ["banded", "bubbly", "cracked", "dotted", "knitted", "striped", "wove
 TEXTURES_PREFIX = "a texture of"  # no comma: every template token is context, nothing fixed after it
 
 
-
-
 class FakeCache:
     """An in-memory stand-in for FeatureCache: random features, `per_class` training images of 1 view per class."""
 

@@ -15,10 +15,18 @@ from pathlib import Path
 from typing import Any
 
 from fastprompt.errors import ConfigError, brief, one_line
+from fastprompt.methods import METHODS as DECLARED
+from fastprompt.methods import defaults_of
 
-METHODS = ("zeroshot", "zeroshot_ensemble", "linear_probe", "coop", "prograd", "prograd_ensemble", "kd")
-PROMPT_METHODS = ("coop", "prograd", "prograd_ensemble", "kd")
-TEACHER_METHODS = ("prograd", "prograd_ensemble", "kd")
+METHODS = tuple(DECLARED)
+PROMPT_METHODS = tuple(name for name, m in DECLARED.items() if m.kind == "prompt")
+TEACHER_METHODS = tuple(name for name, m in DECLARED.items() if m.teacher is not None)
+LAMBDA_METHODS = tuple(name for name, m in DECLARED.items() if m.knob == "lambda")
+# PROTOCOL.md; a method's declaration may override each
+GLOBAL_DEFAULTS = {"n_ctx": 16, "batch_size": 32, "lr": 0.002, "warmup_lr": 1e-5, "warmup_epochs": 1, "momentum": 0.9,
+                   "weight_decay": 5e-4}  # fmt: skip
+# Fields added after the first release: left out of the run id's hash at their default, so older sweeps keep theirs.
+LATER_FIELDS = {"teacher": None, "augment": True, "angles": False}
 SETTINGS = ("fewshot", "base2new")
 LAMBDA_POLICIES = ("release", "paper")
 LOW_LAMBDA_DATASETS = ("OxfordFlowers", "DescribableTextures", "EuroSAT")
@@ -39,19 +47,22 @@ class RunConfig:
     lambda_policy: str = "release"  # lambda when lam is None: "release" or "paper" (see default_lambda)
     alpha: float = 1.0  # knowledge distillation weight of the KL term
     temperature: float = 1.0
-    n_ctx: int = 16
+    n_ctx: int | None = None  # None: the method's (16; CoCoOp and KgCoOp 4)
     init: str | None = None  # "template" (ProGrad, KD) or "random" (CoOp); None: by method
     position: str = "end"
     class_specific: bool = False
-    epochs: int | None = None  # None: 50 / 100 / 200 by shots (PROTOCOL.md section 4), ImageNet 50
-    batch_size: int = 32
-    lr: float = 0.002  # epoch e >= 1 uses lr / 2 * (1 + cos(pi * (e - 1) / E))
-    warmup_lr: float = 1e-5  # constant learning rate of epoch 0
-    warmup_epochs: int = 1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
+    epochs: int | None = None  # None: the method's, else 50 / 100 / 200 by shots (PROTOCOL.md section 4), ImageNet 50
+    batch_size: int | None = None  # None: the method's (32; CoCoOp 1, KgCoOp 128)
+    lr: float | None = None  # None: the method's (0.002); epoch e >= 1 uses lr / 2 * (1 + cos(pi * (e - 1) / E))
+    warmup_lr: float | None = None  # None: the method's (1e-5), the constant learning rate of the warm-up epochs
+    warmup_epochs: int | None = None  # None: the method's (1)
+    momentum: float | None = None  # None: the method's (0.9)
+    weight_decay: float | None = None  # None: the method's (5e-4)
     precision: str = "fp32"  # compute precision of the text tower: fp32, bf16 or fp16 (autocast; fp32 master context)
     eval_every: int = 0  # evaluate the test split every k epochs (0: only after the last epoch)
+    teacher: str | None = None  # a trained prompt (run folder) as the KL target instead of the template (Figure 7)
+    augment: bool = True  # False: train on each training image's centre-crop view only (Figure 1 c, d)
+    angles: bool = False  # log the G_d/G_g angle of runs that do not project (CoOp, KD): G_g computed, not used
 
     def to_dict(self) -> dict[str, Any]:
         """Field names as on the command line and in result files (`lam` is written `lambda`)."""
@@ -62,15 +73,27 @@ class RunConfig:
     @property
     def run_id(self) -> str:
         """A readable, unique folder name: method, dataset, shots, seed, the swept knobs, and a config hash."""
-        digest = hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:8]
-        parts = [self.method, self.dataset or "data", f"{self.shots}shot", f"seed{self.seed}"]
+        hashed = {k: v for k, v in self.to_dict().items() if k not in LATER_FIELDS or v != LATER_FIELDS[k]}
+        digest = hashlib.sha256(json.dumps(hashed, sort_keys=True).encode()).hexdigest()[:8]
+        shots = f"{self.shots}shot" if self.shots else "fulltrain"
+        parts = [self.method.replace("+", "-"), self.dataset or "data", shots, f"seed{self.seed}"]
         if self.setting != "fewshot":
             parts.insert(2, self.setting)
-        if self.method in ("prograd", "prograd_ensemble"):
+        knob = DECLARED[self.method].knob if self.method in DECLARED else None
+        if knob == "lambda":
             parts.append(f"lam{self.lam:g}")
-        if self.method == "kd":
+        if knob == "alpha":
             parts.append(f"alpha{self.alpha:g}")
+        if self.teacher:
+            parts.append("trainedteacher")
+        if not self.augment:
+            parts.append("noaug")
         return "-".join([*parts, digest])
+
+    @property
+    def declaration(self):
+        """This run's method declaration (fastprompt/methods.py)."""
+        return DECLARED[self.method]
 
     @property
     def uses_prompt(self) -> bool:
@@ -78,11 +101,23 @@ class RunConfig:
 
     @property
     def uses_teacher(self) -> bool:
-        return self.method in TEACHER_METHODS
+        """Whether the run needs a teacher's class weights: for its loss or projection, or to log angles."""
+        return self.method in TEACHER_METHODS or (self.angles and self.uses_prompt)
+
+    @property
+    def lam_used(self) -> float:
+        """The projection strength the update applies: lambda for projecting methods, 0 otherwise."""
+        return float(self.lam) if DECLARED[self.method].projects and self.lam is not None else 0.0
+
+    @property
+    def alpha_used(self) -> float:
+        """KD's weight of G_g in the update: alpha for KD, 0 otherwise."""
+        return float(self.alpha) if DECLARED[self.method].update == "kd" else 0.0
 
 
 def default_epochs(shots: int, dataset: str) -> int:
-    """50 epochs for 1 shot, 100 for 2 and 4, 200 for 8 and 16; ImageNet 50 for every shot count."""
+    """50 epochs for 1 shot, 100 for 2 and 4, 200 for 8 and 16; ImageNet 50 for every shot count; 50 on the whole
+    training split (shots 0)."""
     if dataset == IMAGENET:
         return 50
     if shots <= 1:
@@ -118,7 +153,12 @@ def resolve(config: RunConfig) -> RunConfig:
         raise ConfigError(f"Unknown precision {brief(config.precision)}; use fp32, bf16 or fp16.")
     if config.position not in POSITIONS:
         raise ConfigError(f"Unknown class position {brief(config.position)}; use one of {', '.join(POSITIONS)}.")
-    for name in ("shots", "batch_size", "n_ctx"):
+    method_defaults = {**GLOBAL_DEFAULTS, **defaults_of(config.method, config.dataset)}
+    filled = {k: v for k, v in method_defaults.items() if k in FIELD_NAMES and getattr(config, k) is None}
+    config = dataclasses.replace(config, **filled)
+    if config.shots < 0:
+        raise ConfigError(f"shots must be at least 1, or 0 for the whole training split (got {config.shots}).")
+    for name in ("batch_size", "n_ctx"):
         if getattr(config, name) < 1:
             raise ConfigError(f"{name} must be at least 1 (got {getattr(config, name)}).")
     for name in ("eval_every", "warmup_epochs"):
@@ -140,9 +180,14 @@ def resolve(config: RunConfig) -> RunConfig:
     if config.lam is None:
         changes["lam"] = default_lambda(config.dataset, config.shots, config.lambda_policy)
     if config.init is None:
-        changes["init"] = "random" if config.method == "coop" else "template"
+        changes["init"] = "template"  # CoOp's "random" comes from its declaration
     elif config.init not in ("template", "random"):
         raise ConfigError(f"Unknown init {brief(config.init)}; use 'template' or 'random'.")
+    if config.teacher is not None and not (DECLARED[config.method].teacher and config.uses_prompt):
+        raise ConfigError(
+            f"A trained teacher (--teacher) is a KL target, which {config.method} does not use; use it with prograd, "
+            f"prograd_ensemble or kd."
+        )
     return dataclasses.replace(config, **changes)
 
 
@@ -212,10 +257,17 @@ def expand_sweep(axes: dict[str, list[Any]], fixed: dict[str, Any] | None = None
     for combo in itertools.product(*values):
         settings = {**fixed, **dict(zip(names, combo, strict=True))}
         method = settings.get("method", "prograd")
-        if method not in ("prograd", "prograd_ensemble"):
+        knob = DECLARED[method].knob if method in DECLARED else None
+        if knob != "lambda":
             settings.pop("lam", None)
-        if method != "kd":
+        if knob != "alpha":
             settings.pop("alpha", None)
+        declared = DECLARED.get(method)
+        if declared is not None and not (declared.teacher and declared.kind == "prompt"):
+            settings.pop("teacher", None)  # a trained teacher replaces the template of the prompt methods' KL only
+        if declared is not None and declared.kind not in ("prompt", "cocoop"):
+            settings.pop("angles", None)
+            settings.pop("augment", None)
         config = resolve(RunConfig(**settings))
         runs.setdefault(config.run_id, config)
     return list(runs.values())

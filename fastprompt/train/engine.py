@@ -41,6 +41,7 @@ class RunState:
     schedule: Schedule
     generator: torch.Generator
     teacher: str | None = None  # key of the teacher weights (None: no KL term)
+    anchor: str | None = None  # key of the hand-crafted class text features KgCoOp pulls towards (None: none)
     step: int = 0
     order: torch.Tensor | None = None  # this epoch's permutation of the run's items
     views: torch.Tensor | None = None  # this epoch's view index per item
@@ -202,20 +203,7 @@ class LockstepEngine:
         active = self.active
         if not active:
             return []
-        batches = [self.runs[i].next_batch(self.num_views) for i in active]
-        size = max(rows.numel() for rows, _, _ in batches)
-        p = len(active)
-        # Padded index tensors are built on the host and moved once; padding rows are masked out of every loss.
-        rows_pad = torch.zeros(p, size, dtype=torch.long)
-        views_pad = torch.zeros(p, size, dtype=torch.long)
-        labels_pad = torch.zeros(p, size, dtype=torch.long)
-        mask = torch.zeros(p, size)
-        for slot, (rows, views, run_labels) in enumerate(batches):
-            n = rows.numel()
-            rows_pad[slot, :n], views_pad[slot, :n], labels_pad[slot, :n], mask[slot, :n] = rows, views, run_labels, 1.0
-        mask = mask.to(self.device, non_blocking=True)
-        labels = labels_pad.to(self.device, non_blocking=True)
-        images = self.features[rows_pad.to(self.device), views_pad.to(self.device)] * mask[..., None]
+        images, labels, mask = padded_batch(self, active)
         contexts = torch.stack([self.context(i) for i in active])
         # A diverged run (frozen until it is collected) joins the shared passes with a zero context: whatever a
         # batched kernel does, its NaN or inf meets the other runs' numbers in one step at most.
@@ -227,6 +215,10 @@ class LockstepEngine:
             weights = torch.stack([self.teachers[self.runs[i].teacher or next(iter(self.teachers))] for i in active])
             teacher_logits = self.logit_scale * images @ weights.transpose(1, 2)  # (P, B, K)
         head = _Head(self, images, labels, mask, teacher_logits, [self.runs[i].config.temperature for i in active])
+        distance = [self.runs[i].config.declaration.text_distance for i in active]
+        if any(distance):  # KgCoOp: the learned class text features are pulled towards the hand-crafted ones
+            anchors = torch.stack([self.teachers[self.runs[i].anchor or next(iter(self.teachers))] for i in active])
+            head.text_distance = (torch.tensor(distance, device=self.device), anchors)
         grads, losses = self._gradients(contexts, head, any(needs_teacher))
         self._update(active, grads, losses)
         return active
@@ -272,14 +264,16 @@ class LockstepEngine:
         finite = finite_rows(losses["ce"], g_d) & ~self.diverged[index]
         if g_g is not None:
             finite &= finite_rows(losses["kl"], g_g)
-            alpha = torch.tensor([r.config.alpha if r.config.method == "kd" else 0.0 for r in runs], device=self.device)
+            alpha = torch.tensor([r.config.alpha_used for r in runs], device=self.device)
+            if any(r.config.alpha_used for r in runs):  # the angle of the loss gradients, before KD mixes them
+                raw_cos, raw_conflict = _angles(g_d, g_g)
             g_d = g_d + alpha[:, None, None] * g_g  # KD: one gradient of L_ce + alpha * L_kl (linearity), no projection
             g_g = torch.where(finite[:, None, None], g_g, 0.0)
         g_d = torch.where(finite[:, None, None], g_d, 0.0)
         # The active runs' segments are gathered into contiguous buffers, updated in place, scattered back.
         pieces = (index[:, None] * self.segment + torch.arange(self.segment, device=self.device)).reshape(-1)
         params, momentum_buf = self.params[pieces], self.momentum_buf[pieces]
-        lam = [r.config.lam if r.config.method in ("prograd", "prograd_ensemble") else 0.0 for r in runs]
+        lam = [r.config.lam_used for r in runs]  # 0 for runs that do not project (CoOp with angles: G_g unused)
         lr = [r.schedule.lr_at(r.epoch) for r in runs]
 
         def per_run(values):
@@ -315,6 +309,9 @@ class LockstepEngine:
         zeros = torch.zeros_like(losses["ce"])
         cos = stats.cos.float() if g_g is not None else zeros
         conflicts = stats.conflict.float() if g_g is not None else zeros
+        if g_g is not None and any(r.config.alpha_used for r in runs):
+            mixed = alpha > 0
+            cos, conflicts = torch.where(mixed, raw_cos, cos), torch.where(mixed, raw_conflict, conflicts)
         columns = [losses["ce"], losses["correct"], losses["seen"], cos, conflicts]
         self.sums.index_add_(0, index, torch.stack([torch.where(finite, c, 0.0) for c in columns], dim=1))
         for run, rate in zip(runs, lr, strict=True):
@@ -347,6 +344,34 @@ class LockstepEngine:
         return torch.autocast(device_type="cuda", dtype=self.autocast_dtype)
 
 
+def padded_batch(engine, active: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """This step's batch of every active run of `engine` (its `runs`, `features` (N, V, D), `num_views`, `device`):
+    images (P, B, D), labels (P, B) and mask (P, B), padded to the largest batch; padding rows are zero and masked out
+    of every loss. The index tensors are built on the host and moved once."""
+    batches = [engine.runs[i].next_batch(engine.num_views) for i in active]
+    size = max(rows.numel() for rows, _, _ in batches)
+    p = len(active)
+    rows_pad = torch.zeros(p, size, dtype=torch.long)
+    views_pad = torch.zeros(p, size, dtype=torch.long)
+    labels_pad = torch.zeros(p, size, dtype=torch.long)
+    mask = torch.zeros(p, size)
+    for slot, (rows, views, run_labels) in enumerate(batches):
+        n = rows.numel()
+        rows_pad[slot, :n], views_pad[slot, :n], labels_pad[slot, :n], mask[slot, :n] = rows, views, run_labels, 1.0
+    mask = mask.to(engine.device, non_blocking=True)
+    labels = labels_pad.to(engine.device, non_blocking=True)
+    images = engine.features[rows_pad.to(engine.device), views_pad.to(engine.device)] * mask[..., None]
+    return images, labels, mask
+
+
+def _angles(g_d: torch.Tensor, g_g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per run (P,): cos(G_d, G_g) (0 where a norm is 0, as the update kernel's statistics) and the conflict flag."""
+    dot = (g_d * g_g).flatten(1).sum(dim=1)
+    norms = g_d.flatten(1).norm(dim=1) * g_g.flatten(1).norm(dim=1)
+    cos = torch.where(norms > 0, dot / norms.clamp(min=torch.finfo(norms.dtype).tiny), 0.0).clamp(-1.0, 1.0)
+    return cos, ((dot < 0) & (norms > 0)).float()
+
+
 def finite_rows(*tensors: torch.Tensor) -> torch.Tensor:
     """(P,) bool: whether row p of every tensor (each (P, ...)) is all finite: the divergence check of each step."""
     finite = torch.isfinite(tensors[0].flatten(1)).all(dim=1) if tensors[0].dim() > 1 else torch.isfinite(tensors[0])
@@ -367,6 +392,7 @@ class _Head:
         self.engine, self.images, self.labels, self.mask = engine, images, labels, mask
         self.teacher_logits = teacher_logits
         self.temperatures = torch.tensor(temperatures, device=engine.device)
+        self.text_distance: tuple[torch.Tensor, torch.Tensor] | None = None  # (P,) weights, (P, K, E) anchors
 
     def __call__(self, text: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Cotangents (2, P, K, E) of (sum of per-run CE, sum of per-run KL) w.r.t. text (P, K, E), and losses."""
@@ -375,7 +401,11 @@ class _Head:
         count = self.mask.sum(dim=1)
         ce_rows = F.cross_entropy(logits.flatten(0, 1), self.labels.flatten(), reduction="none").view_as(self.mask)
         ce = (ce_rows * self.mask).sum(dim=1) / count
-        (cot_ce,) = torch.autograd.grad(ce.sum(), leaf, retain_graph=self.teacher_logits is not None)
+        domain = ce
+        if self.text_distance is not None:  # KgCoOp: w * (1 - mean over classes of cos(t_k, t0_k)), in G_d
+            weights, anchors = self.text_distance
+            domain = ce + weights * (1.0 - F.cosine_similarity(leaf, anchors, dim=-1, eps=1e-7).mean(dim=-1))
+        (cot_ce,) = torch.autograd.grad(domain.sum(), leaf, retain_graph=self.teacher_logits is not None)
         kl = torch.zeros_like(ce)
         cot_kl = torch.zeros_like(cot_ce)
         if self.teacher_logits is not None:

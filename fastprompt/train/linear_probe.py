@@ -68,12 +68,14 @@ class LinearProbeResult:
         best_c: The C of the final classifier (the winner of the last bisection round).
         search: ``(C, validation accuracy in percent)`` for every fit scored, in the order tried (7 grid values, then
             two per bisection round).
+        predictions: (M,) int64 test predictions of the final classifier.
     """
 
     accuracy: float
     per_class_accuracy: list[float]
     best_c: float
     search: list[tuple[float, float]]
+    predictions: torch.Tensor | None = None
 
 
 SMALL_PROBLEM = 1 << 22  # N * D * K below which one CPU thread is faster: each step is far too small to share
@@ -245,6 +247,7 @@ def linear_probe(
         per_class_accuracy=per_class_accuracy.tolist(),
         best_c=10.0**winner,
         search=search,
+        predictions=predictions,
     )
 
 

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import statistics
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from fastprompt.atomic import append_line, full_disk_reported, remove_stale_temporaries, write_bytes
+from fastprompt.locks import taking_turns
 from fastprompt.train.config import RunConfig
 
 INDEX = "results.jsonl"
@@ -20,9 +23,50 @@ SUMMARY_KEYS = ("accuracy", "base_accuracy", "new_accuracy", "harmonic_mean")
 
 
 INDEX_POINT = "index"  # the fault points of the results.jsonl line (fastprompt/faults.py)
-RUN_FILES = {"prompt.safetensors": "prompt", "log.jsonl": "log", "result.json": "result", "checkpoint.pt": "checkpoint"}
+RUN_FILES = {
+    "prompt.safetensors": "prompt",
+    "predictions.npz": "predictions",
+    "log.jsonl": "log",
+    "result.json": "result",
+    "checkpoint.pt": "checkpoint",
+}
 PREVIOUS_CHECKPOINT = "checkpoint.prev.pt"  # the checkpoint before the newest: a kill mid-checkpoint falls back to it
 KEPT = "finished runs are kept, the others resume from their last checkpoint"  # what a full disk leaves
+INDEX_TURNS = ".results.jsonl.lock"  # in a shared sweep folder, results.jsonl is read and appended under its flock
+_SHARED: set[str] = set()  # real paths of sweep folders that several processes write at once (torchrun ranks)
+
+
+@contextlib.contextmanager
+def shared_sweep_folder(root: Path) -> Iterator[None]:
+    """Mark `root` as written by several processes at once (the ranks of one torchrun sweep) for the block.
+
+    A ResultWriter made there only reads results.jsonl (under its flock, between the other ranks' appends) and
+    appends its lines under the same flock: removing stale temporaries, a torn line or a lost line would race with
+    the other ranks' writes, so the main rank repairs the folder once, before any rank writes
+    (fastprompt/train/distributed.py).
+    """
+    key = os.path.realpath(root)
+    _SHARED.add(key)
+    try:
+        yield
+    finally:
+        _SHARED.discard(key)
+
+
+def read_index(root: Path) -> dict[str, dict]:
+    """The records of `root`/results.jsonl by run id, read under its flock (a torn line skipped, a repeated one
+    counted once); nothing is repaired."""
+    index = Path(root) / INDEX
+    with taking_turns(Path(root) / INDEX_TURNS):
+        text = index.read_text() if index.exists() else ""
+    records: dict[str, dict] = {}
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        records[record["run_id"]] = record
+    return records
 
 
 def atomic_write_bytes(path: Path, payload: bytes, point: str | None = None) -> None:
@@ -49,14 +93,33 @@ def _clean(value: Any) -> Any:
     return value
 
 
+def _predictions_npz(arrays: dict[str, torch.Tensor]) -> bytes:
+    """int16 arrays in one uncompressed .npz (2 bytes per test image and array; class indices fit below 32768)."""
+    import io
+
+    import numpy as np
+
+    buffer = io.BytesIO()
+    np.savez(buffer, **{name: np.asarray(t.detach().cpu(), dtype=np.int16) for name, t in arrays.items()})
+    return buffer.getvalue()
+
+
 def run_record(result: dict) -> dict:
     """The results.jsonl line of a run's result.json."""
     config = result["config"]
     record = {"run_id": result["run_id"], "path": result["run_id"], "status": result["status"]}
     for key in ("method", "dataset", "setting", "shots", "seed", "lambda", "alpha"):
         record[key] = config.get(key)
+    for key in ("teacher", "augment", "angles"):  # later fields: only where set, so older lines stay as they were
+        if config.get(key) not in (None, True if key == "augment" else False):
+            record[key] = config[key]
     for key in SUMMARY_KEYS:
         record[key] = (result.get("metrics") or {}).get(key)
+    timings = result.get("timings") or {}
+    if timings.get("train_seconds") is not None:
+        record["train_seconds"] = timings["train_seconds"]
+        record["group_runs"] = timings.get("group_runs", 1)  # runs trained together in that wall time
+        record["machine"] = (result.get("environment") or {}).get("devices")
     if (result.get("metrics") or {}).get("targets"):
         record["targets"] = result["metrics"]["targets"]
     return record
@@ -69,6 +132,10 @@ class ResultWriter:
         self.root = Path(root)
         with full_disk_reported("the sweep folder", self.root.parent, KEPT):
             self.root.mkdir(parents=True, exist_ok=True)
+        self._shared = os.path.realpath(self.root) in _SHARED
+        if self._shared:
+            self._records = read_index(self.root)
+            return
         folders = [folder for folder in self.root.iterdir() if folder.is_dir()]
         remove_stale_temporaries(self.root, *folders, names=frozenset({INDEX, *RUN_FILES}))
         with full_disk_reported(INDEX, self.root, KEPT):
@@ -122,18 +189,35 @@ class ResultWriter:
         status: str = "done",
         reason: str | None = None,
         divergence: dict | None = None,
+        tensors: dict[str, torch.Tensor] | None = None,
+        predictions: dict[str, torch.Tensor] | None = None,
+        classes: list[str] | None = None,
     ) -> dict:
-        """Write the run's folder (prompt, log, then result.json last) and append its results.jsonl line."""
+        """Write the run's folder (prompt, predictions, log, then result.json last) and append its results.jsonl line.
+
+        Args:
+            context: a prompt run's context (M, W), saved as "ctx" in prompt.safetensors.
+            tensors: the trained tensors of other methods (CoCoOp's context and meta-net, a head's weights), saved in
+                the same file by name.
+            predictions: int arrays by name ("predictions", "labels", "new_predictions", "new_labels"), saved as int16
+                in predictions.npz (the test split in the cache's order; docs/FORMATS.md).
+            classes: the run's class names in its label order (a trained teacher is checked against them).
+        """
         from fastprompt.env import environment
 
         folder = self.root / config.run_id
+        saved = dict(tensors or {})
         if context is not None:
+            saved["ctx"] = context
+        if saved:
             from safetensors.torch import save
 
+            payload = save({name: t.detach().float().cpu().contiguous() for name, t in saved.items()})
             with full_disk_reported(f"prompt.safetensors of run {config.run_id}", self.root, KEPT):
-                atomic_write_bytes(
-                    folder / "prompt.safetensors", save({"ctx": context.detach().float().cpu().contiguous()})
-                )
+                atomic_write_bytes(folder / "prompt.safetensors", payload)
+        if predictions:
+            with full_disk_reported(f"predictions.npz of run {config.run_id}", self.root, KEPT):
+                atomic_write_bytes(folder / "predictions.npz", _predictions_npz(predictions))
         if log is not None:
             with full_disk_reported(f"log.jsonl of run {config.run_id}", self.root, KEPT):
                 atomic_write_text(folder / "log.jsonl", "".join(json.dumps(_clean(r)) + "\n" for r in log))
@@ -152,6 +236,7 @@ class ResultWriter:
                 "views": manifest.get("views"),
             },
             "fewshot": {"train_keys": list(train_keys), "val_keys": list(val_keys)},
+            "classes": list(classes) if classes is not None else None,
             "metrics": _clean(metrics),
             "timings": timings,
             "environment": environment(),
@@ -159,7 +244,8 @@ class ResultWriter:
         with full_disk_reported(f"result.json of run {config.run_id}", self.root, KEPT):
             atomic_write_text(folder / "result.json", json.dumps(result, indent=1))
         record = run_record(result)
-        with full_disk_reported(f"the {INDEX} line of run {config.run_id}", self.root, KEPT):
+        turns = taking_turns(self.root / INDEX_TURNS) if self._shared else contextlib.nullcontext()
+        with full_disk_reported(f"the {INDEX} line of run {config.run_id}", self.root, KEPT), turns:
             append_line(self.root / INDEX, json.dumps(record) + "\n", INDEX_POINT)
         self._records[config.run_id] = record
         self.remove_checkpoints(config.run_id)

@@ -51,6 +51,7 @@ class DatasetView:
         from fastprompt.data.fewshot import split_base_new
 
         self.cache, self.clip, self.setting = cache, clip, setting
+        self.memo: dict = {}  # per-view results computed once for several runs (zero-shot weights of the heads)
         names = cache.classnames
         all_labels = list(range(len(names)))
         self.base, self.new = split_base_new(len(names)) if setting == "base2new" else (all_labels, [])
@@ -61,15 +62,45 @@ class DatasetView:
         self.test_base = _select(test.features[:, 0], test.labels, self.base)
         self.test_new = _select(test.features[:, 0], test.labels, self.new) if self.new else None
 
+    def train_center(self) -> torch.Tensor:
+        """(N, 1, D): each training image's centre-crop view as the only view (training without augmentation).
+
+        Raises:
+            FastPromptError: the cache predates the centre view (format 1).
+        """
+        return self.cache.center_features("train", "training without augmentation")[:, None]
+
     def subset(self, shots: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, list[str], list[str]]:
-        """Training rows and their labels in the setting's class space, plus the subset's keys."""
-        subset = self.cache.fewshot(shots, seed)
+        """Training rows and their labels in the setting's class space, plus the subset's keys (shots 0: the whole
+        training split of a `--full-train` cache, its validation split as the validation images)."""
+        subset = self.cache.fewshot(shots, seed) if shots else whole_split(self.cache)
         labels = self.train.labels[subset.train_index]
         mapping = torch.full((len(self.cache.classnames),), -1, dtype=torch.long, device=labels.device)
         mapping[torch.tensor(self.base, device=labels.device)] = torch.arange(len(self.base), device=labels.device)
         relabelled = mapping[labels]
         keep = relabelled >= 0
         return subset.train_index[keep].cpu(), relabelled[keep].cpu(), subset.train_keys, subset.val_keys
+
+
+def whole_split(cache):
+    """The whole training and validation splits as a subset (shots 0), for a cache made with --full-train.
+
+    Raises:
+        FastPromptError: the cache holds only few-shot subsets.
+    """
+    from fastprompt.cache.loader import FewShotSubset
+
+    if not cache.manifest.get("full_train"):
+        raise FastPromptError(
+            f"Shots 0 trains on the whole training split, which the cache '{cache.path}' does not hold; build one "
+            f"with `fastprompt cache --full-train`."
+        )
+    train, val = cache.split("train"), cache.split("val")
+    device = train.labels.device
+    return FewShotSubset(
+        0, 0, torch.arange(len(train.keys), device=device), torch.arange(len(val.keys), device=device),
+        list(train.keys), list(val.keys),
+    )  # fmt: skip
 
 
 def _select(features: torch.Tensor, labels: torch.Tensor, classes: list[int], normalize: bool = True):
@@ -84,14 +115,15 @@ def _select(features: torch.Tensor, labels: torch.Tensor, classes: list[int], no
     return (F.normalize(chosen_features, dim=-1) if normalize else chosen_features), relabelled[keep]
 
 
-def _evaluate(encoder, context: torch.Tensor, test) -> tuple[float, list]:
+def _evaluate(encoder, context: torch.Tensor, test) -> tuple[float, list, torch.Tensor | None]:
+    """(accuracy %, per-class accuracies, predictions) of a shared context on (features, labels)."""
     if test is None:
-        return float("nan"), []
+        return float("nan"), [], None
     features, labels = test
     with torch.no_grad():
         weights = F.normalize(encoder(context[None].to(encoder.device))[0].float(), dim=-1)
     predictions = (features.to(weights.device) @ weights.T).argmax(dim=-1)
-    return accuracy(predictions, labels, encoder.num_classes)
+    return (*accuracy(predictions, labels, encoder.num_classes), predictions)
 
 
 def _templates(cache) -> tuple[str, str]:
@@ -113,11 +145,21 @@ def run_sweep(cache, clip, configs: list[RunConfig], out_dir: Path, options: Swe
         out_dir: the sweep folder.
         options: device, chunking, checkpointing, progress.
 
+    Under torchrun (or in a process group already started) each rank trains its share of the runs and every rank
+    returns all records (fastprompt/train/distributed.py).
+
     Raises:
         FolderInUseError: another process is running a sweep in `out_dir` (one writer per folder: fastprompt/locks.py).
+        FastPromptError: torchrun ranks that disagree on the runs, the cache or the folder.
     """
+    from fastprompt.train.distributed import sweep_on_ranks, sweep_ranks
+
+    options = options or SweepOptions()
+    ranks = sweep_ranks(options.device)
+    if ranks.world_size > 1:
+        return sweep_on_ranks(cache, clip, configs, Path(out_dir), options, ranks, _sweep)
     with FolderLock(out_dir, "fastprompt train", remedy="pass another --out"):
-        return _sweep(cache, clip, configs, Path(out_dir), options or SweepOptions())
+        return _sweep(cache, clip, configs, Path(out_dir), options)
 
 
 def _sweep(cache, clip, configs: list[RunConfig], out_dir: Path, options: SweepOptions) -> list[dict]:
@@ -131,31 +173,72 @@ def _sweep(cache, clip, configs: list[RunConfig], out_dir: Path, options: SweepO
     targets.check(pending)  # a target layout the context cannot fill fails now, not after training
     views = {setting: DatasetView(cache, clip, setting) for setting in {c.setting for c in pending}}
     prograd_tpl, coop_tpl = _templates(cache)
-    for config in [c for c in pending if not c.uses_prompt]:
-        metrics, *rest = _baseline(config, views[config.setting], clip, prograd_tpl, coop_tpl)
-        if targets and config.method in ("zeroshot", "zeroshot_ensemble"):
-            metrics["targets"] = targets.zero_shot_accuracies(config.method == "zeroshot_ensemble")
-        writer.write(config, cache, metrics, *rest)
+    for config in {c.teacher: c for c in pending if c.teacher}.values():  # a wrong teacher: refused before training
+        from fastprompt.train.teacher import trained_teacher_weights
+
+        trained_teacher_weights(config.teacher, clip, cache, views[config.setting], config.n_ctx)
+    for config in [c for c in pending if c.declaration.kind in ("zeroshot", "probe")]:
+        metrics, timings, train_keys, val_keys, predictions = _baseline(
+            config, views[config.setting], clip, prograd_tpl, coop_tpl
+        )
+        if targets and config.declaration.kind == "zeroshot":
+            metrics["targets"] = targets.zero_shot_accuracies(config.declaration.templates == "ensemble")
+        writer.write(config, cache, metrics, timings, train_keys, val_keys, predictions=predictions,
+                     classes=views[config.setting].base_names)  # fmt: skip
+    for config in [c for c in pending if c.declaration.kind == "head"]:
+        from fastprompt.train.heads import run_head
+
+        run_head(config, views[config.setting], clip, prograd_tpl, writer)
     groups: dict[tuple, list[RunConfig]] = defaultdict(list)
-    for config in [c for c in configs if c.uses_prompt]:  # finished runs too: a rerun's groups are the first run's
-        prefix = template_prefix(prograd_tpl) if config.init == "template" else None
-        key = (config.setting, prefix, config.n_ctx, config.position, config.class_specific, config.precision)
+    for config in [c for c in configs if c.declaration.kind in ("prompt", "cocoop")]:  # finished runs too: a
+        # rerun's groups are the first run's
+        prefix = _prompt_prefix(config, prograd_tpl)
+        key = (config.declaration.kind, config.setting, prefix, config.n_ctx, config.position, config.class_specific,
+               config.precision, config.augment)  # fmt: skip
         groups[key].append(config)
+    # On a CPU a group of more than about 15 runs costs more per run-step, not less: its activations outgrow glibc's
+    # largest mmap threshold (32 MiB) and come back as fresh pages every step (bench/results/train_step.csv: OxfordPets
+    # P = 45 1.26x P = 15's time per run-step, as three groups of 15 1.03x).
+    size = min(options.max_group, 15) if str(options.device) == "cpu" else options.max_group
     chunks = [
-        (key, [c for c in members[start : start + options.max_group] if not writer.finished(c.run_id)])
+        (key, [c for c in members[start : start + size] if not writer.finished(c.run_id)])
         for key, members in groups.items()
-        for start in range(0, len(members), options.max_group)
+        for start in range(0, len(members), size)
     ]
     chunks = [(key, chunk) for key, chunk in chunks if chunk]
     total = sum(_total_steps(c, views[c.setting]) for _, chunk in chunks for c in chunk)
     progress = _progress(total, options.progress)
-    for (setting, prefix, *_), chunk in chunks:
-        done = _train_group(chunk, views[setting], clip, prefix, prograd_tpl, writer, options, progress, cache, targets)
+    for (kind, setting, prefix, *_), chunk in chunks:
+        done = _train_group(
+            kind,
+            chunk,
+            views[setting],
+            clip,
+            prefix,
+            (prograd_tpl, coop_tpl),
+            writer,
+            options,
+            progress,
+            cache,
+            targets,
+        )
         if not done:
             progress.close()
             return writer.records()
     progress.close()
     return writer.records()
+
+
+def _prompt_prefix(config: RunConfig, prograd_tpl: str) -> str | None:
+    """The template words a "template"-initialised context starts from: the method's own (KgCoOp's "a photo of a")
+    or the dataset's ProGrad template; None for a random context."""
+    if config.init != "template":
+        return None
+    if config.declaration.kind == "cocoop":  # the release's rule: its words when they fit in n_ctx, else CoOp's
+        from fastprompt.train.cocoop import init_prefix
+
+        return init_prefix(prograd_tpl, config.n_ctx)[0]
+    return config.declaration.prompt_prefix or template_prefix(prograd_tpl)
 
 
 def _total_steps(config: RunConfig, view: DatasetView) -> int:
@@ -169,28 +252,17 @@ def _progress(total: int, enabled: bool):
     return tqdm(total=total, disable=not enabled, unit="step", desc="training", dynamic_ncols=True)
 
 
-def _train_group(configs, view, clip, prefix, prograd_tpl, writer, options, progress, cache, targets) -> bool:
+def _train_group(kind, configs, view, clip, prefix, templates, writer, options, progress, cache, targets) -> bool:
+    """Train one group of runs that share an encoder layout: prompt runs in a LockstepEngine, CoCoOp runs in a
+    CocoopEngine (the same interface). Returns False when stopped early (`stop_after_steps`)."""
     from fastprompt.encoder import PromptEncoder
 
+    prograd_tpl, coop_tpl = templates
     first = configs[0]
-    encoder = PromptEncoder(
-        clip,
-        view.base_names,
-        n_ctx=first.n_ctx,
-        position=first.position,
-        class_specific=first.class_specific,
-        prompt_prefix=prefix,
-    )
-    new_encoder = None
-    if view.new_names:
-        new_encoder = PromptEncoder(
-            clip, view.new_names, n_ctx=first.n_ctx, position=first.position, class_specific=False, prompt_prefix=prefix
-        )
-    teachers = {}
-    if any(c.uses_teacher for c in configs):
-        teachers["single"] = zero_shot_weights(clip, view.base_names, prograd_tpl)
-        if any(c.method == "prograd_ensemble" for c in configs):
-            teachers["ensemble"] = zero_shot_weights(clip, view.base_names, ensemble_templates(cache.dataset))
+    layout = {"n_ctx": first.n_ctx, "position": first.position, "prompt_prefix": prefix}
+    encoder = PromptEncoder(clip, view.base_names, class_specific=first.class_specific, **layout)
+    new_encoder = PromptEncoder(clip, view.new_names, class_specific=False, **layout) if view.new_names else None
+    teachers = _teachers(configs, view, clip, prograd_tpl, coop_tpl, cache)
     runs, contexts, keys = [], [], {}
     for config in configs:
         rows, labels, train_keys, val_keys = view.subset(config.shots, config.seed)
@@ -198,20 +270,21 @@ def _train_group(configs, view, clip, prefix, prograd_tpl, writer, options, prog
         schedule = Schedule(
             rows.numel(), config.batch_size, config.epochs, config.lr, config.warmup_lr, config.warmup_epochs
         )
-        teacher = None if not config.uses_teacher else ("ensemble" if config.method == "prograd_ensemble" else "single")
-        runs.append(RunState(config, rows, labels, schedule, torch.Generator().manual_seed(config.seed), teacher))
-        contexts.append(_initial_context(encoder, config))
-    engine = LockstepEngine(
-        encoder,
-        view.train.features,
-        runs,
-        torch.stack(contexts),
-        teachers,
-        clip.logit_scale,
-        class_chunk=options.class_chunk,
-        update_fn=options.update_fn,
-        autocast_dtype=AUTOCAST[first.precision],
+        generator = torch.Generator().manual_seed(config.seed)
+        anchor = "kgcoop" if config.declaration.text_distance else None
+        runs.append(RunState(config, rows, labels, schedule, generator, _teacher_key(config), anchor))
+        if kind == "prompt":
+            contexts.append(_initial_context(encoder, config))
+    features = view.train.features if first.augment else view.train_center()  # (N, V, D) or the centre view (N, 1, D)
+    common = dict(
+        class_chunk=options.class_chunk, update_fn=options.update_fn, autocast_dtype=AUTOCAST[first.precision]
     )
+    if kind == "cocoop":
+        from fastprompt.train.cocoop import CocoopEngine
+
+        engine = CocoopEngine(encoder, features, runs, teachers, clip.logit_scale, template=prograd_tpl, **common)
+    else:
+        engine = LockstepEngine(encoder, features, runs, torch.stack(contexts), teachers, clip.logit_scale, **common)
     _restore(engine, writer, progress)
     last_checkpoint, steps, finished = time.monotonic(), 0, 0
     started = time.monotonic()
@@ -219,8 +292,8 @@ def _train_group(configs, view, clip, prefix, prograd_tpl, writer, options, prog
     stopping = False
     while True:
         for index in ending:
-            run = engine.runs[index]
-            _finish(run, engine.context(index), encoder, new_encoder, view, writer, keys, started, cache, targets)
+            group = (started, len(configs))
+            _finish(engine, index, encoder, new_encoder, view, writer, keys, group, cache, targets)
             finished += 1
             progress.set_postfix_str(f"runs {finished}/{len(configs)} done")
         if not engine.active:
@@ -233,13 +306,49 @@ def _train_group(configs, view, clip, prefix, prograd_tpl, writer, options, prog
         for index in stepped:
             run = engine.runs[index]
             if run.step % run.schedule.iterations == 0 and engine.collect(index):
-                _close_epoch(run, encoder, engine.context(index), view)
+                _close_epoch(engine, index, encoder, view)
         ending = _ended(engine, writer)
         stopping = options.stop_after_steps is not None and steps >= options.stop_after_steps
         if ending or stopping or time.monotonic() - last_checkpoint >= options.checkpoint_minutes * 60:
             # Before any run of this step is written (docs/reliability.md): a rerun resumes the group here as one.
             _checkpoint(engine, writer)
             last_checkpoint = time.monotonic()
+
+
+def _teacher_key(config: RunConfig) -> str | None:
+    """The key of a run's KL target in the group's teachers (None: no KL term)."""
+    if not config.uses_teacher:
+        return None
+    if config.teacher:
+        return f"trained:{config.teacher}"
+    return config.declaration.teacher or "single"  # "single" also for runs that only log angles
+
+
+def _teachers(configs, view, clip, prograd_tpl: str, coop_tpl: str, cache) -> dict[str, torch.Tensor]:
+    """The normalised class weights (K, E) the group's runs need: zero-shot heads by key, trained-prompt teachers
+    ("trained:<path>", Figure 7's upper bound) and KgCoOp's hand-crafted class text features ("kgcoop")."""
+    keys = {_teacher_key(c) for c in configs} - {None}
+    teachers = {}
+    if "single" in keys:
+        teachers["single"] = zero_shot_weights(clip, view.base_names, prograd_tpl)
+    if "ensemble" in keys:
+        teachers["ensemble"] = zero_shot_weights(clip, view.base_names, ensemble_templates(cache.dataset))
+    if any(c.declaration.text_distance for c in configs):  # KgCoOp's release: the dataset's CoOp template
+        teachers["kgcoop"] = zero_shot_weights(clip, view.base_names, coop_tpl)
+    for key in sorted(k for k in keys if k.startswith("trained:")):
+        from fastprompt.train.teacher import trained_teacher_weights
+
+        teachers[key] = trained_teacher_weights(key.removeprefix("trained:"), clip, cache, view, configs[0].n_ctx)
+    return teachers
+
+
+def _evaluate_run(engine, index: int, encoder, test) -> tuple[float, list, torch.Tensor | None]:
+    """(accuracy, per-class accuracies, predictions) of run `index` on `test` with `encoder`'s classes."""
+    if test is None:
+        return float("nan"), [], None
+    if hasattr(engine, "evaluate"):  # CoCoOp: a context per test image
+        return engine.evaluate(index, test[0], test[1], encoder=encoder)
+    return _evaluate(encoder, engine.context(index), test)
 
 
 def _initial_context(encoder, config: RunConfig) -> torch.Tensor:
@@ -252,7 +361,8 @@ def _initial_context(encoder, config: RunConfig) -> torch.Tensor:
     return random_context(config.n_ctx, encoder.width, generator).to(encoder.device)
 
 
-def _close_epoch(run: RunState, encoder, context: torch.Tensor, view: DatasetView) -> None:
+def _close_epoch(engine, index: int, encoder, view: DatasetView) -> None:
+    run = engine.runs[index]
     totals, epoch = run.totals, run.epoch
     steps = max(totals.get("steps", 1.0), 1.0)
     record = {
@@ -261,29 +371,41 @@ def _close_epoch(run: RunState, encoder, context: torch.Tensor, view: DatasetVie
         "loss": totals.get("loss", 0.0) / steps,
         "train_accuracy": 100.0 * totals.get("correct", 0.0) / max(totals.get("seen", 1.0), 1.0),
     }
-    if run.config.method in ("prograd", "prograd_ensemble"):  # KD's update gradient is G_d + alpha G_g: no angle
+    if run.teacher is not None:  # the angle of G_d and G_g: ProGrad's, KD's before mixing, CoOp's with --angles
         record["cos_mean"] = totals.get("cos", 0.0) / steps
         record["conflict_fraction"] = totals.get("conflicts", 0.0) / steps
     every = run.config.eval_every
     if every and (epoch % every == 0 or run.done):
-        record["test_accuracy"] = _evaluate(encoder, context, view.test_base)[0]
+        record["test_accuracy"] = _evaluate_run(engine, index, encoder, view.test_base)[0]
     run.log.append(record)
     run.totals = {}
 
 
-def _finish(run, context, encoder, new_encoder, view, writer, keys, started, cache, targets) -> None:
+def _finish(engine, index, encoder, new_encoder, view, writer, keys, group, cache, targets) -> None:
+    run = engine.runs[index]
     metrics: dict = {}
+    predictions: dict = {}
     if run.status != "failed":
-        base_acc, per_class = _evaluate(encoder, context, view.test_base)
+        base_acc, per_class, base_predictions = _evaluate_run(engine, index, encoder, view.test_base)
         metrics = {"accuracy": base_acc, "per_class_accuracy": per_class}
+        if base_predictions is not None:
+            predictions = {"predictions": base_predictions, "labels": view.test_base[1]}
         if new_encoder is not None:
-            new_acc, _ = _evaluate(new_encoder, context, view.test_new)
+            new_acc, _, new_predictions = _evaluate_run(engine, index, new_encoder, view.test_new)
             harmonic = 2 * base_acc * new_acc / (base_acc + new_acc) if base_acc + new_acc > 0 else 0.0
             metrics.update(base_accuracy=base_acc, new_accuracy=new_acc, harmonic_mean=harmonic)
-        if targets and not run.config.class_specific:  # in each target's own prompt layout (transfer.py)
-            metrics["targets"] = targets.prompt_accuracies(context, run.config)
-    timings = {"train_seconds": time.monotonic() - started, "steps": run.step}
+            if new_predictions is not None:
+                predictions.update(new_predictions=new_predictions, new_labels=view.test_new[1])
+        if hasattr(engine, "metrics"):  # what the engine knows of a run (CoCoOp: whether its init fell back)
+            metrics.update(engine.metrics(index))
+        if targets and run.config.uses_prompt and not run.config.class_specific:  # in each target's prompt layout
+            metrics["targets"] = targets.prompt_accuracies(engine.context(index), run.config)
+        elif targets and run.config.declaration.kind == "cocoop":
+            metrics["targets"] = targets.cocoop_accuracies(engine, index, run.config, encoder.prompt_prefix)
+    started, group_runs = group
+    timings = {"train_seconds": time.monotonic() - started, "steps": run.step, "group_runs": group_runs}
     train_keys, val_keys = keys[run.config.run_id]
+    tensors = engine.trained_tensors(index) if hasattr(engine, "trained_tensors") else {"ctx": engine.context(index)}
     writer.write(
         run.config,
         cache,
@@ -291,11 +413,13 @@ def _finish(run, context, encoder, new_encoder, view, writer, keys, started, cac
         timings,
         train_keys,
         val_keys,
-        context=context,
         log=run.log,
         status=run.status if run.status == "failed" else "done",
         reason=run.reason,
         divergence=run.divergence,
+        tensors=tensors,
+        predictions=predictions,
+        classes=view.base_names,
     )
 
 
@@ -383,6 +507,7 @@ def _linear_probe_metrics(view: DatasetView, config: RunConfig, rows: torch.Tens
         "per_class_accuracy": result.per_class_accuracy,
         "best_c": result.best_c,
         "c_search_split": search_split,
+        "predictions": result.predictions,
     }
 
 
@@ -390,25 +515,30 @@ def _baseline(config: RunConfig, view: DatasetView, clip, prograd_tpl: str, coop
     """Zero-shot CLIP, CLIP++ and the linear probe: (metrics, timings, train keys, val keys)."""
     started = time.monotonic()
     rows, labels, train_keys, val_keys = view.subset(config.shots, config.seed)
-    if config.method == "linear_probe":
+    predictions: dict = {}
+    if config.declaration.kind == "probe":
         metrics = _linear_probe_metrics(view, config, rows, labels)
+        if metrics.get("predictions") is not None:
+            predictions = {"predictions": metrics.pop("predictions"), "labels": view.test_base[1]}
     else:
-        templates = coop_tpl if config.method == "zeroshot" else ensemble_templates(view.cache.dataset, coop_tpl)
+        ensemble = config.declaration.templates == "ensemble"
+        templates = ensemble_templates(view.cache.dataset, coop_tpl) if ensemble else coop_tpl
         weights = zero_shot_weights(clip, view.base_names, templates)
         test_feats, test_labels = view.test_base
-        acc, per_class = accuracy(
-            (test_feats @ weights.T.to(test_feats.device)).argmax(-1), test_labels, len(view.base_names)
-        )
+        base_predictions = (test_feats @ weights.T.to(test_feats.device)).argmax(-1)
+        acc, per_class = accuracy(base_predictions, test_labels, len(view.base_names))
         metrics = {"accuracy": acc, "per_class_accuracy": per_class}
+        predictions = {"predictions": base_predictions, "labels": test_labels}
         if view.new_names:
             new_weights = zero_shot_weights(clip, view.new_names, templates)
             new_feats, new_labels = view.test_new
-            new_acc, _ = accuracy(
-                (new_feats @ new_weights.T.to(new_feats.device)).argmax(-1), new_labels, len(view.new_names)
-            )
+            new_predictions = (new_feats @ new_weights.T.to(new_feats.device)).argmax(-1)
+            new_acc, _ = accuracy(new_predictions, new_labels, len(view.new_names))
+            predictions.update(new_predictions=new_predictions, new_labels=new_labels)
             harmonic = 2 * acc * new_acc / (acc + new_acc) if acc + new_acc > 0 else 0.0
             metrics.update(base_accuracy=acc, new_accuracy=new_acc, harmonic_mean=harmonic)
-    return metrics, {"train_seconds": time.monotonic() - started, "steps": 0}, train_keys, val_keys
+    timings = {"train_seconds": time.monotonic() - started, "steps": 0}
+    return metrics, timings, train_keys, val_keys, predictions
 
 
 __all__ = ["SweepOptions", "load_cache_clip", "run_sweep", "run_record"]  # load_cache_clip: its old home

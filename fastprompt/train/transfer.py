@@ -80,7 +80,7 @@ class TransferTargets:
             if not config.uses_prompt or config.class_specific or config.init != "template":
                 continue
             for target, _, _ in self.targets:
-                prefix = target_prefix(target)
+                prefix = config.declaration.prompt_prefix or target_prefix(target)
                 words = len(prefix.split())
                 if words > config.n_ctx:
                     raise FastPromptError(
@@ -100,7 +100,8 @@ class TransferTargets:
 
         scores = {}
         for target, features, labels in self.targets:
-            prefix = target_prefix(target) if config.init == "template" else None
+            own = config.declaration.prompt_prefix  # a method's fixed words (KgCoOp's) are its words on every target
+            prefix = (own or target_prefix(target)) if config.init == "template" else None
             key = (target.dataset, config.n_ctx, config.position, prefix)
             if key not in self._encoders:
                 self._encoders[key] = PromptEncoder(
@@ -111,6 +112,21 @@ class TransferTargets:
                 weights = F.normalize(encoder(context[None].to(encoder.device))[0].float(), dim=-1)
             predictions = (features.to(weights.device) @ weights.T).argmax(dim=-1)
             scores[target.dataset] = accuracy(predictions, labels, len(target.classnames))[0]
+        return scores
+
+    def cocoop_accuracies(self, engine, index: int, config, prefix: str | None) -> dict:
+        """Accuracy (percent) of CoCoOp run `index` of `engine` on every target: the learned context and meta-net
+        with the target's class names, each test image conditioning its own context, as the release evaluates a
+        CoCoOp prompt learner built on the target (its context words are the source's, `prefix`)."""
+        from fastprompt.encoder import PromptEncoder
+
+        scores = {}
+        for target, features, labels in self.targets:
+            key = ("cocoop", target.dataset, config.n_ctx, prefix)
+            if key not in self._encoders:
+                self._encoders[key] = PromptEncoder(self.clip, target.classnames, n_ctx=config.n_ctx,
+                                                    prompt_prefix=prefix)  # fmt: skip
+            scores[target.dataset] = engine.evaluate(index, features, labels, encoder=self._encoders[key])[0]
         return scores
 
     def zero_shot_accuracies(self, ensemble: bool) -> dict:
