@@ -12,8 +12,12 @@ from fastprompt.errors import FastPromptError
 
 HELP = """Train a sweep of runs on a feature cache: the cartesian product of the swept options, many runs at once.
 
-Methods: zeroshot (CLIP), zeroshot_ensemble (CLIP++), linear_probe, coop, prograd, prograd_ensemble (ProGrad++), kd.
-Unset options take PROTOCOL.md's defaults (epochs by shots, lambda 0.8 at 8/16 shots on Flowers/DTD/EuroSAT, ...).
+Methods (fastprompt/methods.py; `fastprompt train --list-methods` prints each one's loss and defaults):
+zeroshot (CLIP), zeroshot_ensemble (CLIP++), linear_probe, coop, cocoop, kgcoop, kd, prograd, prograd_ensemble
+(ProGrad++), prograd_cocoop; cached-feature heads tip_adapter, tip_adapter_f, gda, clap, cosine, linear_sgd, and
+"+prograd" variants of the trained heads (tip_adapter_f+prograd, clap+prograd, cosine+prograd, linear_sgd+prograd).
+Unset options take PROTOCOL.md's defaults (epochs by shots, lambda 0.8 at 8/16 shots on Flowers/DTD/EuroSAT, ...)
+or the method's own (CoCoOp: 4 context vectors, batch 1, 10 epochs; KgCoOp: 4, batch 128, 100 epochs).
 An interrupted sweep restarted with the same command skips finished runs and resumes the others.
 
 Examples:
@@ -25,6 +29,14 @@ Examples:
   fastprompt train --cache caches/imagenet --out sweeps/b2n --setting base2new --shots 4 --class-chunk auto
 
   fastprompt train --cache caches/pets --out sweeps/file --sweep sweep.toml --dry-run
+
+  fastprompt train --cache caches/pets --out sweeps/fig1 --methods coop,prograd --no-augment --angles
+
+  fastprompt train --cache caches/pets --out sweeps/online --methods coop,prograd --online-augment --data ~/data
+
+  fastprompt train --cache caches/pets_full --out sweeps/teacher --methods coop --shots 0 --seeds 1
+
+  fastprompt train --cache caches/pets --out sweeps/fig7 --methods prograd --teacher sweeps/teacher/<coop run folder>
 
   fastprompt train --cache caches/imagenet --out sweeps/dg --methods zeroshot,coop,prograd --shots 4 \
       --eval-caches caches/imagenetv2,caches/imagenet_sketch,caches/imagenet_a,caches/imagenet_r
@@ -86,6 +98,27 @@ def train_command(
     eval_caches: Annotated[
         str | None, typer.Option(help="Comma-separated target caches to evaluate every trained context on.")
     ] = None,
+    teacher: Annotated[
+        Path | None,
+        typer.Option(help="A trained prompt run (folder) as the KL target instead of the template (Figure 7)."),
+    ] = None,
+    augment: Annotated[
+        bool, typer.Option(help="--no-augment: train on each image's centre-crop view only (Figure 1 c, d).")
+    ] = True,
+    angles: Annotated[
+        bool, typer.Option(help="Log the G_d/G_g angle of CoOp and KD runs too (G_g computed, not used).")
+    ] = False,
+    online_augment: Annotated[
+        bool,
+        typer.Option(
+            help="Train CoOp/ProGrad/KD with a fresh crop per image and epoch, the image tower in the loop, as the "
+            "released code does (slow but exact; needs --data; docs/views.md)."
+        ),
+    ] = False,
+    data: Annotated[
+        Path | None, typer.Option(help="The dataset root the cache was made from (for --online-augment).")
+    ] = None,
+    list_methods: Annotated[bool, typer.Option(help="Print every method's loss and defaults, and stop.")] = False,
     dry_run: Annotated[bool, typer.Option(help="Print the resolved runs and stop.")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
@@ -97,6 +130,9 @@ def train_command(
     from fastprompt.train.results import summary_table
     from fastprompt.train.sweep import SweepOptions, run_sweep
 
+    if list_methods:
+        _print_methods()
+        return
     check_device(device)
     chunk = parse_class_chunk(class_chunk)
     if not checkpoint_minutes >= 0:  # also NaN; 0 is allowed: a checkpoint after every step (SweepOptions)
@@ -105,6 +141,9 @@ def train_command(
         )
     if not cache.exists():
         raise FastPromptError(f"Cache folder '{cache}' does not exist; build it with `fastprompt cache`.")
+    from fastprompt.train.distributed import sweep_ranks
+
+    ranks = sweep_ranks(device)  # under torchrun: join the group first, so that "cuda" is this rank's own GPU
     features = FeatureCache(cache, device=device)
     held = features.fewshot_settings()
     axes: dict[str, list] = {"method": _list(methods)}
@@ -118,6 +157,8 @@ def train_command(
         "dataset": features.dataset, "setting": setting, "epochs": epochs, "batch_size": batch_size, "n_ctx": n_ctx,
         "init": init, "position": position, "class_specific": class_specific, "lr": lr, "temperature": temperature,
         "lambda_policy": lambda_policy, "precision": precision, "eval_every": eval_every,
+        "teacher": str(teacher) if teacher is not None else None, "augment": None if augment else False,
+        "angles": angles or None,
     }  # fmt: skip
     if sweep is not None:
         file_axes, file_fixed = load_sweep_file(sweep)
@@ -126,17 +167,49 @@ def train_command(
     if not axes["shots"] or not axes["seed"]:
         raise FastPromptError(f"The cache '{cache}' holds no few-shot subsets; rebuild it with --shots and --seeds.")
     configs = expand_sweep(axes, fixed)
-    typer.echo(f"{len(configs)} run(s) on {features.dataset} ({cache}):")
-    for config in configs:
-        typer.echo(f"  {config.run_id}  epochs={config.epochs} init={config.init} n_ctx={config.n_ctx}")
+    if ranks.is_main:  # under torchrun every rank resolves the same runs; one list is enough
+        typer.echo(f"{len(configs)} run(s) on {features.dataset} ({cache}):")
+        for config in configs:
+            typer.echo(f"  {config.run_id}  {_settings(config)}")
     if dry_run:
         return
     clip = load_cache_clip(features, device=device, quick_gelu=quick_gelu)
     targets = [FeatureCache(Path(path), device=device) for path in _list(eval_caches) or []]
-    options = SweepOptions(device=device, class_chunk=chunk, checkpoint_minutes=checkpoint_minutes,
-                           progress=progress, targets=targets)  # fmt: skip
-    records = run_sweep(features, clip, configs, out, options)
+    if online_augment:
+        records = _train_online(features, clip, configs, out, data, device, progress)
+    else:
+        options = SweepOptions(device=device, class_chunk=chunk, checkpoint_minutes=checkpoint_minutes,
+                               progress=progress, targets=targets)  # fmt: skip
+        records = run_sweep(features, clip, configs, out, options)
+    if not ranks.is_main:
+        return  # rank 0 prints the table of every rank's runs
     wanted = {c.run_id for c in configs}
     typer.echo("")
     typer.echo(summary_table([r for r in records if r["run_id"] in wanted]))
     typer.echo(f"\nRuns and results.jsonl in {out}")
+
+
+def _print_methods() -> None:
+    from fastprompt.methods import METHODS, defaults_of
+
+    for name, declared in METHODS.items():
+        defaults = ", ".join(f"{k}={v}" for k, v in defaults_of(name).items()) or "PROTOCOL.md's"
+        typer.echo(f"{name:24s} {declared.display}: {declared.loss}. Defaults: {defaults}.")
+
+
+def _train_online(features, clip, configs, out: Path, data: Path | None, device: str, progress: bool) -> list[dict]:
+    from fastprompt.data.registry import load_dataset
+    from fastprompt.train.online import OnlineOptions, train_online
+
+    if data is None:
+        raise FastPromptError("--online-augment reads the images again: pass the dataset root with --data.")
+    dataset = load_dataset(features.dataset, data)
+    return train_online(features, dataset, clip, configs, out, OnlineOptions(device=device, progress=progress))
+
+
+def _settings(config) -> str:
+    """The resolved settings worth seeing in the run list: a prompt's layout only where the method has a prompt."""
+    text = f"epochs={config.epochs} batch={config.batch_size} lr={config.lr:g}"
+    if config.declaration.kind in ("prompt", "cocoop"):
+        text += f" init={config.init} n_ctx={config.n_ctx}"
+    return text

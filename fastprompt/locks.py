@@ -22,6 +22,7 @@ Details that keep it honest:
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import errno
 import json
@@ -30,6 +31,7 @@ import socket
 import sys
 import threading
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 from fastprompt.errors import FastPromptError
@@ -232,3 +234,41 @@ class FolderLock:
             LockUnavailableWarning,
             stacklevel=4,
         )
+
+
+@contextlib.contextmanager
+def taking_turns(path: Path | str) -> Iterator[None]:
+    """Hold a blocking `flock(LOCK_EX)` on the file `path` (created if missing) for the block.
+
+    Processes that write one file together (the torchrun ranks of a sweep appending to its results.jsonl, on one
+    machine or on several that share the file system) wrap each write in this, so writes never interleave and a
+    reader inside it never sees half a line. Unlike `FolderLock` it waits (a turn lasts one short write) and the file
+    stays. Where the file system cannot lock, the block runs unlocked with a `LockUnavailableWarning`.
+    """
+    path = Path(path)
+    descriptor = None
+    if fcntl is not None:
+        try:
+            descriptor = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+        except OSError as error:
+            if error.errno not in READ_ONLY:
+                raise  # a folder we may not write: the write inside the block says so
+        if descriptor is not None:
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX)
+            except OSError as error:
+                os.close(descriptor)
+                descriptor = None
+                if error.errno not in UNSUPPORTED:
+                    raise
+                warnings.warn(
+                    f"'{path}' cannot be locked ({os.strerror(error.errno)}), so writers in several processes may "
+                    f"interleave; run one writer at a time there.",
+                    LockUnavailableWarning,
+                    stacklevel=3,
+                )
+    try:
+        yield
+    finally:
+        if descriptor is not None:
+            os.close(descriptor)  # closing drops the flock lock
