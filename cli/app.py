@@ -16,7 +16,7 @@ import typer
 from fastprompt.atomic import FULL_DISK
 from fastprompt.errors import FastPromptError, brief
 
-COMMAND_MODULES = ("env", "cache", "train", "report", "demo", "testbed")
+COMMAND_MODULES = ("env", "cache", "train", "report", "demo", "testbed", "audit", "gradcam")
 
 
 class _App(typer.Typer):
