@@ -9,7 +9,8 @@ import typer
 from fastprompt.cli.app import app
 
 HELP = """Run the whole job offline: write the testbed tasks, cache their features with the shipped tiny CLIP, train
-one batched sweep (zero-shot, CLIP++, linear probe, CoOp, ProGrad, KD x shots 1-16 x seeds 1-3), and report.
+one batched sweep (zero-shot, CLIP++, linear probe, CoOp, ProGrad, KD x shots 1-16 x seeds 1-3), report, and read the
+table in three sentences computed from the results.
 
 Everything goes to one folder (default ~/.cache/fastprompt/demo); a second run reuses the data, caches and finished
 runs.
@@ -20,7 +21,7 @@ Examples:
 
   fastprompt demo --quick                    # a reduced demo in seconds
 
-  fastprompt demo --shots 1,2,4 --seeds 1,2 --out /tmp/demo
+  fastprompt demo --shots 1,2,4 --seeds 1,2 --out demo-run
 """
 
 
@@ -58,3 +59,9 @@ def demo_command(
     for path in result.plot_paths:
         typer.echo(f"Plot: {path}")
     typer.echo(f"Sweep folder: {result.sweep_dir}")
+    if result.sentences:
+        typer.echo("")
+        typer.echo("Reading the table:")
+        for sentence in result.sentences:
+            typer.echo(f"- {sentence}")
+    typer.echo(f"Demo time: {result.seconds:.0f} s.")

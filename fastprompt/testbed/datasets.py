@@ -1,6 +1,12 @@
 """The testbed's downstream few-shot tasks, generated from the world and written to disk in the CoOp layout.
 
-Two tasks, each classifying the shape (8 classes named by their words: "circle", "square", ...):
+World v2's two tasks (the demo's) classify fine-grained variants, a shape and its fill (8 classes: "solid circle",
+"hollow circle", ..., "hollow star"), that the pretraining captions name only coarsely ("a circle"):
+
+- `TestbedFineShapes`, no shift; `TestbedFineShapesShift`, each class's training and validation images on its own
+  background, test images on random ones (the spurious cue below).
+
+World v1's two tasks (kept reproducible) classify the shape (8 classes named by their words: "circle", "square", ...):
 
 - `TestbedShapes`, no shift: train, val and test images are drawn from the same distribution (any colour, size,
   position, background).
@@ -28,7 +34,16 @@ from pathlib import Path
 import numpy as np
 
 from fastprompt.errors import FastPromptError
-from fastprompt.testbed.world import BACKGROUND_COLOUR_NAMES, DATA_VERSION, SHAPES, TEXTURES, render, sample_scenes
+from fastprompt.testbed.world import (
+    BACKGROUND_COLOUR_NAMES,
+    FILLS,
+    SHAPES,
+    TEXTURES,
+    WORLDS,
+    WorldSpec,
+    render,
+    sample_scenes,
+)
 
 SPLITS = ("train", "val", "test")
 DEFAULT_PER_CLASS = {"train": 32, "val": 8, "test": 100}
@@ -46,6 +61,13 @@ SPURIOUS_BACKGROUNDS: dict[str, tuple[str, str]] = {
     "hexagon": ("checkered", "teal"),
     "heart": ("wavy", "gray"),
 }
+# World v2's classes: four shapes that stay distinct at 64 px, each solid and hollow.
+FINE_SHAPES = ("circle", "square", "triangle", "star")
+FINE_CLASSES = tuple(f"{fill} {shape}" for shape in FINE_SHAPES for fill in FILLS)
+# The same eight (texture, colour) pairs as v1's cue, one per fine-grained class.
+FINE_SPURIOUS_BACKGROUNDS: dict[str, tuple[str, str]] = dict(
+    zip(FINE_CLASSES, SPURIOUS_BACKGROUNDS.values(), strict=True)
+)
 
 
 @dataclass(frozen=True)
@@ -60,6 +82,8 @@ class TestbedTask:
         coop_template: the zero-shot "CLIP" row's template.
         train_backgrounds: per class, the (texture, background colour) of its train and val images; None: random.
         description: one line for people.
+        image_dir: the images' folder inside `dataset_dir`.
+        world: the world version the images are drawn from ("v1" or "v2"); a v2 class name is "<fill> <shape>".
     """
 
     name: str
@@ -70,6 +94,12 @@ class TestbedTask:
     train_backgrounds: dict[str, tuple[str, str]] | None = field(default=None, hash=False)
     description: str = ""
     image_dir: str = "images"
+    world: str = "v1"
+
+    @property
+    def spec(self) -> WorldSpec:
+        """The task's world."""
+        return WORLDS[self.world]
 
     @property
     def split_file(self) -> str:
@@ -96,7 +126,25 @@ TESTBED_DATASETS: dict[str, TestbedTask] = {
         train_backgrounds=SPURIOUS_BACKGROUNDS,
         description="shape; each class's train/val images share one background (spurious cue), test ones random",
     ),
+    "TestbedFineShapes": TestbedTask(
+        name="TestbedFineShapes",
+        dataset_dir="testbed_fine_shapes",
+        classnames=FINE_CLASSES,
+        description="shape and fill (solid or hollow), a variant the captions rarely name; no shift",
+        world="v2",
+    ),
+    "TestbedFineShapesShift": TestbedTask(
+        name="TestbedFineShapesShift",
+        dataset_dir="testbed_fine_shapes_shift",
+        classnames=FINE_CLASSES,
+        train_backgrounds=FINE_SPURIOUS_BACKGROUNDS,
+        description="shape and fill; each class's train/val images share one background (spurious cue), test random",
+        world="v2",
+    ),
 }
+# The tasks `build_testbed`, `fastprompt testbed build` and the demo use by default: world v2's.
+DEFAULT_TASKS: tuple[str, ...] = ("TestbedFineShapes", "TestbedFineShapesShift")
+V1_TASKS: tuple[str, ...] = ("TestbedShapes", "TestbedShapesShift")
 
 
 def _split_rng(task: TestbedTask, split: str, seed: int) -> np.random.Generator:
@@ -117,19 +165,23 @@ def generate_split(task: TestbedTask, split: str, per_class: int, seed: int = DE
     """
     rng = _split_rng(task, split, seed)
     labels = np.repeat(np.arange(len(task.classnames)), per_class)
-    shapes = np.array([SHAPES.index(task.classnames[label]) for label in labels])
+    names = [task.classnames[label] for label in labels]
+    shapes = np.array([SHAPES.index(name.split()[-1]) for name in names])
+    hollow = np.array([name.split()[0] == "hollow" for name in names]) if task.spec.has_fill else None
     texture = background = None
     if task.train_backgrounds is not None and split in ("train", "val"):
-        cues = [task.train_backgrounds[task.classnames[label]] for label in labels]
+        cues = [task.train_backgrounds[name] for name in names]
         texture = np.array([TEXTURES.index(t) for t, _ in cues])
         background = np.array([BACKGROUND_COLOUR_NAMES.index(c) for _, c in cues])
-    scenes = sample_scenes(rng, len(labels), shape=shapes, texture=texture, background=background)
-    return render(scenes, rng), labels
+    world = task.spec
+    scenes = sample_scenes(rng, len(labels), shape=shapes, texture=texture, background=background, world=world,
+                           hollow=hollow)  # fmt: skip
+    return render(scenes, rng, outline_fraction=world.outline_fraction), labels
 
 
 def _metadata(task: TestbedTask, per_class: dict[str, int], seed: int) -> dict:
     return {
-        "data_version": DATA_VERSION,
+        "data_version": task.spec.version,
         "task": task.name,
         "seed": seed,
         "per_class": dict(per_class),
@@ -192,8 +244,8 @@ def build_testbed(
     seed: int = DEFAULT_DATA_SEED,
     force: bool = False,
 ) -> dict[str, Path]:
-    """Write every testbed task (or those named) under `root`; returns name -> dataset folder."""
-    names = list(TESTBED_DATASETS) if names is None else names
+    """Write the testbed tasks named (default: world v2's, `DEFAULT_TASKS`) under `root`; returns name -> folder."""
+    names = list(DEFAULT_TASKS) if names is None else names
     return {name: write_dataset(TESTBED_DATASETS[name], root, per_class, seed, force) for name in names}
 
 

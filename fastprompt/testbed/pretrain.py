@@ -7,6 +7,10 @@ seen with many phrasings and a caption is told from its twin's only by the shape
 The checkpoint is the model's state dict in fp16 (safetensors), loadable with
 `fastprompt.load_clip(model_name, pretrained=path)`, with a JSON beside it recording the command, seed, data
 version, versions, training time and measured zero-shot accuracy.
+
+World v2's model continues from v1's checkpoint (`init`) on v2's scenes, with random resized crops of the training
+images (`crop_probability`): a web-trained CLIP has seen objects at every scale and in part, which is what lets it read
+the protocol's crops; v1's model, trained on whole images only, reads them at 0.6 of its accuracy on whole ones.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import torch
 
 from fastprompt.testbed.captions import captions_for
 from fastprompt.testbed.datasets import TESTBED_DATASETS, generate_split
-from fastprompt.testbed.world import DATA_VERSION, SHAPES, Scenes, render, sample_scenes
+from fastprompt.testbed.world import SHAPES, WORLDS, Scenes, render, sample_scenes
 from fastprompt.testbed.zeroshot import images_to_tensor, zero_shot_accuracy
 
 TESTBED_MODEL = "fastprompt-tiny"
@@ -51,6 +55,10 @@ class PretrainConfig:
         eval_per_class: test images per class for those measurements.
         max_minutes: stop early when training has taken this long (None: no cap).
         threads: torch CPU threads (None: leave torch's default).
+        world: the world version to train on ("v1" or "v2").
+        init: a checkpoint to start from (a path, or "v1" for the shipped v1 checkpoint); None: random weights.
+        crop_probability: probability that a training image is replaced by a random resized crop of it (the cache's
+            RandomResizedCrop: scale 0.08-1, aspect 3/4-4/3, bicubic, horizontal flip); 0: whole images, no draws.
     """
 
     model: str = TESTBED_MODEL
@@ -65,6 +73,9 @@ class PretrainConfig:
     eval_per_class: int = 100
     max_minutes: float | None = None
     threads: int | None = None
+    world: str = "v1"
+    init: str | None = None
+    crop_probability: float = 0.0
 
 
 def encode_text_truncated(model, tokens: torch.Tensor) -> torch.Tensor:
@@ -108,28 +119,84 @@ def _learning_rate(step: int, config: PretrainConfig) -> float:
     return 0.5 * config.lr * (1.0 + math.cos(math.pi * progress))
 
 
-def measure_zero_shot(model, tokenizer, per_class: int = 100, seed: int = EVAL_SEED) -> dict[str, float]:
-    """Zero-shot accuracy (percent) on freshly generated test images of every testbed task, "a photo of a {}.".
+def random_resized_crops(
+    images: np.ndarray,
+    rng: np.random.Generator,
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    flip_probability: float = 0.5,
+) -> np.ndarray:
+    """torchvision's RandomResizedCrop (its sampling procedure, bicubic) and a horizontal flip, drawn from `rng`.
+
+    Args:
+        images: (N, H, W, 3) uint8.
+        rng: the generator of the crop boxes and flips.
+        scale, ratio: the crop's area fraction and aspect-ratio ranges.
+        flip_probability: probability of a horizontal flip.
+
+    Returns:
+        (N, H, W, 3) uint8 crops, each resized back to H x W.
+    """
+    n, height, width, _ = images.shape
+    pixels = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float()
+    crops = torch.empty_like(pixels)
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for index in range(n):
+        top, left, crop_height, crop_width = 0, 0, height, width
+        for _ in range(10):
+            area = height * width * rng.uniform(*scale)
+            aspect = math.exp(rng.uniform(*log_ratio))
+            w, h = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
+            if 0 < w <= width and 0 < h <= height:
+                top, left = int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1))
+                crop_height, crop_width = h, w
+                break
+        crop = pixels[index : index + 1, :, top : top + crop_height, left : left + crop_width]
+        crop = torch.nn.functional.interpolate(crop, size=(height, width), mode="bicubic", align_corners=False)
+        crops[index] = crop[0].flip(-1) if rng.random() < flip_probability else crop[0]
+    return crops.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def measure_zero_shot(
+    model, tokenizer, per_class: int = 100, seed: int = EVAL_SEED, world: str = "v1", crops: bool = False
+) -> dict[str, float]:
+    """Zero-shot accuracy (percent) on freshly generated images of the world's testbed tasks, "a photo of a {}.".
+
+    v1 measures on generated test-split images (as its shipped record did); v2 on generated validation-split images,
+    so that no v2 decision rests on anything drawn like a test split.
 
     Args:
         model: an open_clip CLIP in eval mode.
         tokenizer: its tokenizer.
-        per_class: test images per class.
-        seed: data seed of the test images.
+        per_class: images per class.
+        seed: data seed of the images.
+        world: whose tasks to measure.
+        crops: also measure on one random resized crop of each image (keys "<task>/crops").
 
     Returns:
         task name -> accuracy in percent.
     """
+    split = "test" if world == "v1" else "val"
     accuracies = {}
     for name, task in TESTBED_DATASETS.items():
-        images, labels = generate_split(task, "test", per_class, seed)
-        accuracies[name] = zero_shot_accuracy(model, tokenizer, images, labels, task.classnames, [task.coop_template])
+        if task.world != world:
+            continue
+        images, labels = generate_split(task, split, per_class, seed)
+        templates = [task.coop_template]
+        accuracies[name] = zero_shot_accuracy(model, tokenizer, images, labels, task.classnames, templates)
+        if crops:
+            cropped = random_resized_crops(images, np.random.default_rng(seed))
+            accuracies[f"{name}/crops"] = zero_shot_accuracy(
+                model, tokenizer, cropped, labels, task.classnames, templates
+            )
     return accuracies
 
 
 def _evaluate(model, tokenizer, config: PretrainConfig, step: int, started: float, losses: list, report) -> dict:
     model.eval()
-    accuracy = measure_zero_shot(model, tokenizer, config.eval_per_class)
+    accuracy = measure_zero_shot(
+        model, tokenizer, config.eval_per_class, world=config.world, crops=config.world != "v1"
+    )
     recent = float(np.mean(losses[-50:])) if losses else float("nan")
     scores = ", ".join(f"{name} {value:.1f}%" for name, value in accuracy.items())
     report(f"step {step}/{config.steps}  loss {recent:.3f}  zero-shot: {scores}")
@@ -160,16 +227,20 @@ def pretrain(
     register_model_configs()
     torch.manual_seed(config.seed)
     model = open_clip.create_model(config.model, pretrained=None)
+    init_record = None
+    if config.init is not None:
+        init_record = load_initial_weights(model, config.init)
     tokenizer = open_clip.get_tokenizer(config.model)
     image_size = open_clip.get_model_preprocess_cfg(model).get("size", 64)
     image_size = image_size if isinstance(image_size, int) else int(image_size[0])
 
+    world = WORLDS[config.world]
     rng = np.random.default_rng([config.seed, 0x5EED])
     started = time.perf_counter()
-    pool_scenes = sample_scenes(rng, config.pool_size, image_size=image_size)
+    pool_scenes = sample_scenes(rng, config.pool_size, image_size=image_size, world=world)
     twin_scenes = shape_twins(pool_scenes, rng)
-    pool_images = render(pool_scenes, rng, image_size=image_size)
-    twin_images = render(twin_scenes, rng, image_size=image_size)
+    pool_images = render(pool_scenes, rng, image_size=image_size, outline_fraction=world.outline_fraction)
+    twin_images = render(twin_scenes, rng, image_size=image_size, outline_fraction=world.outline_fraction)
     render_seconds = time.perf_counter() - started
 
     optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr, betas=(0.9, 0.98), eps=1e-6)
@@ -186,9 +257,13 @@ def pretrain(
             group["lr"] = _learning_rate(step, config)
         model.train()
         index = rng.choice(config.pool_size, size=config.batch_size // 2, replace=False)
-        images = images_to_tensor(np.concatenate([pool_images[index], twin_images[index]]))
+        batch = np.concatenate([pool_images[index], twin_images[index]])
         scenes = pool_scenes.subset(index), twin_scenes.subset(index)
         texts = tokenizer(captions_for(scenes[0], rng) + captions_for(scenes[1], rng))
+        if config.crop_probability > 0:
+            cropped = rng.random(len(batch)) < config.crop_probability
+            batch[cropped] = random_resized_crops(batch[cropped], rng)
+        images = images_to_tensor(batch)
         image_features = torch.nn.functional.normalize(model.encode_image(images), dim=-1)
         text_features = torch.nn.functional.normalize(encode_text_truncated(model, texts), dim=-1)
         loss = loss_function(image_features, text_features, model.logit_scale.exp())
@@ -203,11 +278,11 @@ def pretrain(
     steps_done = step + 1 if not stopped_early else step
     train_seconds = time.perf_counter() - started
     evaluations.append(_evaluate(model, tokenizer, config, steps_done, started, losses, report))
-    final = {name: evaluations[-1][name] for name in TESTBED_DATASETS}
+    final = {name: evaluations[-1][name] for name in TESTBED_DATASETS if name in evaluations[-1]}
 
     record = {
         "model": config.model,
-        "data_version": DATA_VERSION,
+        "data_version": world.version,
         "config": asdict(config),
         "command": command,
         "steps_done": steps_done,
@@ -219,6 +294,7 @@ def pretrain(
             "template": "coop template of each task",
             "per_class": config.eval_per_class,
             "data_seed": EVAL_SEED,
+            **({} if config.world == "v1" else {"split": "val", "crops": "one random resized crop of each image"}),
         },
         "evaluations": evaluations,
         "render_seconds": round(render_seconds, 1),
@@ -232,10 +308,56 @@ def pretrain(
             "cpu": platform.processor() or platform.machine(),
         },
     }
+    if init_record is not None:
+        record["init"] = init_record
     if out is None:
         return {**record, "model_object": model}
     save_checkpoint(model, out, record)
     return record
+
+
+def load_initial_weights(model: torch.nn.Module, init: str) -> dict:
+    """Load a checkpoint into `model` to continue from it ("v1": the shipped v1 one); returns its file and sha256.
+
+    Raises:
+        FastPromptError: the file is missing or does not fit the model.
+    """
+    import hashlib
+
+    from safetensors.torch import load_file
+
+    from fastprompt.errors import FastPromptError
+    from fastprompt.testbed import shipped_checkpoint
+
+    path = shipped_checkpoint("v1") if init == "v1" else Path(init)
+    if not path.is_file():
+        raise FastPromptError(f"The initial checkpoint {path} does not exist; pass a checkpoint file or 'v1'.")
+    state = {name: tensor.float() for name, tensor in load_file(str(path)).items()}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:
+        raise FastPromptError(
+            f"The initial checkpoint {path.name} does not fit the model: {str(error)[:200]}"
+        ) from None
+    return {"file": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+
+
+def _fix_metadata_order(path: Path, metadata: dict[str, str]) -> None:
+    """Rewrite a safetensors file's metadata in `metadata`'s own key order, in place.
+
+    safetensors serialises the metadata from a hash map whose order changes from one map to the next, so the same
+    weights could be written as two different files; byte-identical rebuilds need one order. The rewrite keeps the
+    header's length (the same pairs, reordered), so nothing else in the file moves.
+    """
+    data = bytearray(path.read_bytes())
+    length = int.from_bytes(data[:8], "little")
+    written = json.loads(bytes(data[8 : 8 + length]))["__metadata__"]  # in the order the file holds them
+    compact = {"separators": (",", ":")}
+    old = json.dumps({"__metadata__": written}, **compact).encode()[1:-1]
+    new = json.dumps({"__metadata__": metadata}, **compact).encode()[1:-1]
+    start = data.index(old, 8, 8 + length)
+    data[start : start + len(old)] = new
+    path.write_bytes(bytes(data))
 
 
 def save_checkpoint(model: torch.nn.Module, out: str | Path, record: dict) -> Path:
@@ -246,7 +368,9 @@ def save_checkpoint(model: torch.nn.Module, out: str | Path, record: dict) -> Pa
     out.parent.mkdir(parents=True, exist_ok=True)
     state = {name: tensor.detach().to(torch.float16).contiguous() for name, tensor in model.state_dict().items()}
     temporary = out.with_name(out.name + ".tmp")
-    save_file(state, str(temporary), metadata={"model": record["model"], "data_version": record["data_version"]})
+    metadata = {"model": record["model"], "data_version": record["data_version"]}
+    save_file(state, str(temporary), metadata=metadata)
+    _fix_metadata_order(temporary, metadata)
     temporary.chmod(0o644)  # safetensors creates the file private; a shipped checkpoint is for everyone to read
     os.replace(temporary, out)
     record_path = out.with_suffix(".json")

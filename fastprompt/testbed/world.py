@@ -4,8 +4,14 @@ A scene is one shape (circle, square, ...) of one colour and size at one positio
 plain colour or a two-tone texture (stripes, dots, checks, a grid, waves). Scenes are sampled as arrays (`Scenes`)
 and rendered in batches with vectorised numpy masks, so tens of thousands of 64 px images take seconds.
 
+Two versions of the world exist, each a `WorldSpec` (`WORLDS`): v1 (`shapes-world-v1`, the first shipped model's)
+and v2 (`shapes-world-v2`): larger shapes near the centre, so that the protocol's random crops keep most of the object,
+and a fine-grained attribute, the fill (solid or hollow: an outline with the background showing inside), that the
+captions name only rarely. v1 is drawn exactly as before (v2's extra draws happen only in v2), so its data and its
+checkpoint stay reproducible.
+
 Everything is a pure function of a `numpy.random.Generator`: the same seed gives bit-identical scenes, images and
-captions. `DATA_VERSION` names this world; change it whenever sampling or rendering changes, since the shipped
+captions. A world's version string names it; a new version is needed whenever sampling or rendering changes, since a
 checkpoint records the version it was trained on.
 """
 
@@ -16,6 +22,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 
 DATA_VERSION = "shapes-world-v1"
+DATA_VERSION_V2 = "shapes-world-v2"
 IMAGE_SIZE = 64
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross", "diamond", "hexagon", "heart")
@@ -47,6 +54,41 @@ CENTRE_JITTER = 8.0  # pixels the centre may move from the image centre in x and
 
 SHAPE_COLOUR_NAMES = tuple(SHAPE_COLOURS)
 BACKGROUND_COLOUR_NAMES = tuple(BACKGROUND_COLOURS)
+FILLS: tuple[str, ...] = ("solid", "hollow")
+
+
+@dataclass(frozen=True)
+class WorldSpec:
+    """The geometry and attributes of one version of the world.
+
+    Attributes:
+        version: the data version recorded with datasets and checkpoints.
+        size_radii: shape radius in pixels (of a 64 px image) per size word, as [low, high).
+        centre_jitter: pixels the shape's centre may move from the image centre in x and y.
+        hollow_probability: probability that a shape is drawn hollow (0: the world has no fill attribute, and no
+            fill is drawn from the generator).
+        outline_fraction: a hollow shape keeps the ring between its outline and the same shape scaled by this.
+    """
+
+    version: str
+    size_radii: tuple[tuple[float, float], ...] = SIZE_RADII
+    centre_jitter: float = CENTRE_JITTER
+    hollow_probability: float = 0.0
+    outline_fraction: float = 0.6
+
+    @property
+    def has_fill(self) -> bool:
+        """Whether scenes of this world have the solid/hollow attribute."""
+        return self.hollow_probability > 0.0
+
+
+WORLD_V1 = WorldSpec(DATA_VERSION)
+# v2: shapes cover most of the image (radius 19-29 px of 64, centre within 3 px), so that RandomResizedCrop at scale
+# 0.08-1 mostly lands on the object, as crops of real photographs do; half the shapes are hollow.
+WORLD_V2 = WorldSpec(
+    DATA_VERSION_V2, size_radii=((19.0, 22.5), (22.5, 26.0), (26.0, 29.0)), centre_jitter=3.0, hollow_probability=0.5
+)
+WORLDS: dict[str, WorldSpec] = {"v1": WORLD_V1, "v2": WORLD_V2}
 
 
 def _regular_polygon(corners: int, start_degrees: float, radius: float = 1.0) -> np.ndarray:
@@ -98,6 +140,7 @@ class Scenes:
         texture_period: (N,) texture period in pixels.
         texture_phase: (N, 2) texture offset in pixels.
         texture_light: (N,) whether the texture's second tone is lighter (True) or darker than the first.
+        hollow: (N,) bool, whether the shape is drawn as an outline; None in a world without fills (v1).
     """
 
     shape: np.ndarray
@@ -111,13 +154,15 @@ class Scenes:
     texture_period: np.ndarray
     texture_phase: np.ndarray
     texture_light: np.ndarray
+    hollow: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.shape)
 
     def subset(self, index: np.ndarray | slice) -> Scenes:
         """The scenes at `index`, as a new `Scenes`."""
-        return Scenes(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return Scenes(**{name: None if value is None else value[index] for name, value in values.items()})
 
 
 def _fix(drawn: np.ndarray, fixed: np.ndarray | int | None) -> np.ndarray:
@@ -134,6 +179,8 @@ def sample_scenes(
     texture: np.ndarray | int | None = None,
     background: np.ndarray | int | None = None,
     image_size: int = IMAGE_SIZE,
+    world: WorldSpec = WORLD_V1,
+    hollow: np.ndarray | bool | None = None,
 ) -> Scenes:
     """Sample `n` scenes; every attribute is uniform unless fixed (an index, or an (n,) array of indices).
 
@@ -142,9 +189,12 @@ def sample_scenes(
         n: number of scenes.
         shape, colour, texture, background: fixed attribute indices (scalar or (n,)), or None for uniform.
         image_size: image side in pixels (radii scale with it).
+        world: the world's geometry and attributes (v1 by default).
+        hollow: fixed fill (scalar or (n,) bool) in a world with fills, or None for random.
 
     Returns:
-        The sampled `Scenes`. The draws happen in a fixed order, so fixing an attribute changes only that attribute.
+        The sampled `Scenes`. The draws happen in a fixed order, so fixing an attribute changes only that attribute;
+        a world's extra attributes are drawn after all of v1's, so v1's scenes are the same as before they existed.
     """
     scale = image_size / IMAGE_SIZE
     shapes = rng.integers(0, len(SHAPES), size=n)
@@ -154,12 +204,12 @@ def sample_scenes(
     shapes, colours = _fix(shapes, shape), _fix(colours, colour)
     textures, backgrounds = _fix(textures, texture), _fix(backgrounds, background)
     sizes = rng.integers(0, len(SIZES), size=n)
-    low = np.array([r[0] for r in SIZE_RADII])[sizes]
-    high = np.array([r[1] for r in SIZE_RADII])[sizes]
+    low = np.array([r[0] for r in world.size_radii])[sizes]
+    high = np.array([r[1] for r in world.size_radii])[sizes]
     radius = rng.uniform(low, high) * scale
-    jitter = np.minimum(CENTRE_JITTER * scale, image_size / 2 - radius - 1.0)[:, None]
+    jitter = np.maximum(np.minimum(world.centre_jitter * scale, image_size / 2 - radius - 1.0), 0.0)[:, None]
     centre = image_size / 2 + rng.uniform(-1.0, 1.0, size=(n, 2)) * jitter
-    return Scenes(
+    scenes = Scenes(
         shape=shapes,
         colour=colours,
         size=sizes,
@@ -172,6 +222,10 @@ def sample_scenes(
         texture_phase=rng.uniform(0.0, 12.0, size=(n, 2)) * scale,
         texture_light=rng.random(n) < 0.5,
     )
+    if world.has_fill:
+        drawn = rng.random(n) < world.hollow_probability
+        scenes.hollow = drawn if hollow is None else np.broadcast_to(np.asarray(hollow, dtype=bool), (n,)).copy()
+    return scenes
 
 
 def _polygon_mask(u: np.ndarray, v: np.ndarray, vertices: np.ndarray) -> np.ndarray:
@@ -223,13 +277,16 @@ def _texture_mask(scenes: Scenes, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
     return mask
 
 
-def render(scenes: Scenes, rng: np.random.Generator, image_size: int = IMAGE_SIZE) -> np.ndarray:
+def render(
+    scenes: Scenes, rng: np.random.Generator, image_size: int = IMAGE_SIZE, outline_fraction: float = 0.6
+) -> np.ndarray:
     """Draw the scenes.
 
     Args:
         scenes: N scenes.
         rng: generator for colour jitter and pixel noise (deterministic with the seed).
         image_size: image side in pixels.
+        outline_fraction: a hollow shape is its mask minus the same shape scaled by this (`WorldSpec`).
 
     Returns:
         (N, image_size, image_size, 3) uint8 RGB images.
@@ -253,10 +310,15 @@ def render(scenes: Scenes, rng: np.random.Generator, image_size: int = IMAGE_SIZ
     rel_y = (ys - centre[:, 1, None, None]) / radius
     u, v = cos * rel_x + sin * rel_y, -sin * rel_x + cos * rel_y
     shape_mask = np.zeros((n, image_size, image_size), dtype=bool)
+    hollow = scenes.hollow if scenes.hollow is not None else np.zeros(n, dtype=bool)
     for index, name in enumerate(SHAPES):
         members = np.flatnonzero(scenes.shape == index)
         if len(members):
             shape_mask[members] = _shape_mask(name, u[members], v[members])
+        outlined = np.flatnonzero((scenes.shape == index) & hollow)
+        if len(outlined):
+            inner = _shape_mask(name, u[outlined] / outline_fraction, v[outlined] / outline_fraction)
+            shape_mask[outlined] &= ~inner
     colour = np.array(list(SHAPE_COLOURS.values()), dtype=np.float32)[scenes.colour]
     colour = colour + rng.uniform(-15, 15, size=(n, 3)).astype(np.float32)
     image = np.where(shape_mask[..., None], colour[:, None, None, :], image)
