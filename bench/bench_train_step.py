@@ -23,13 +23,15 @@ With another `--model` than RN50 the predicted FLOPs are left empty (the constan
 
 Usage:
     python bench/bench_train_step.py                 # about 5 minutes on 2 CPU cores
-    python bench/bench_train_step.py --repeats 5 --contexts 1 4 15 --out /tmp/train_step.csv
+    python bench/bench_train_step.py --repeats 5 --contexts 1 4 15 --out train_step_extra.csv
     python bench/bench_train_step.py --device cuda --contexts 1 15 45 --repeats 20
 """
 
 from __future__ import annotations
 
 import argparse
+import resource
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -65,18 +67,35 @@ class ReferenceStep:
         teacher: (K, E) normalised zero-shot text features, used when the teacher's text is not recomputed per step.
         batch: images per step.
         teacher_text_per_step: run the teacher's 77-token text forward every step (the issue's count).
+        lam: ProGrad's lambda.
+        method: "prograd" (the default) or "coop": CoOp's released step (one image pass, one backward, random
+            context, no teacher, no projection).
+        prefix: the dataset's ProGrad template without " {}." (OxfordPets' by default).
     """
 
-    def __init__(self, clip, classnames, teacher, batch: int, teacher_text_per_step: bool, lam: float = 1.0) -> None:
+    def __init__(
+        self,
+        clip,
+        classnames,
+        teacher,
+        batch: int,
+        teacher_text_per_step: bool,
+        lam: float = 1.0,
+        method: str = "prograd",
+        prefix: str = PREFIX,
+    ) -> None:
         model = self.model = clip.model
         device = model.token_embedding.weight.device
-        head = "X " * (N_CTX - len(PREFIX.split())) + PREFIX
-        self.tokens = clip.tokenizer([f"{head} {name}." for name in classnames]).to(device)
-        self.teacher_tokens = clip.tokenizer([TEMPLATE.format(name) for name in classnames]).to(device)
+        self.coop = method == "coop"  # CoOp's step: one image pass, one backward, no teacher, no projection
+        head = "X " * N_CTX if self.coop else "X " * (N_CTX - len(prefix.split())) + prefix
+        self.tokens = clip.tokenizer([f"{head.strip()} {name}." for name in classnames]).to(device)
+        self.teacher_tokens = clip.tokenizer([f"{prefix} {name}." for name in classnames]).to(device)
         with torch.no_grad():
             self.embedded = model.token_embedding(self.tokens)
         start = self.embedded[0, 1 : 1 + N_CTX].clone()
-        start[: N_CTX - len(PREFIX.split())] = 0.0
+        start[: N_CTX - len(prefix.split())] = 0.0
+        if self.coop:
+            start = torch.randn(N_CTX, start.shape[-1], generator=torch.Generator().manual_seed(0)).to(device) * 0.02
         self.ctx = torch.nn.Parameter(start)
         self.optimizer = torch.optim.SGD([self.ctx], lr=0.002, momentum=0.9, weight_decay=5e-4)
         generator = torch.Generator().manual_seed(0)
@@ -96,6 +115,8 @@ class ReferenceStep:
             return F.normalize(self.model.encode_image(self.images), dim=-1)
 
     def __call__(self) -> None:
+        if self.coop:
+            return self.coop_step()
         model = self.model
         student_images = self.image_features()  # the student CLIP's frozen image encoder
         teacher_images = self.image_features()  # the zero-shot teacher CLIP's image encoder
@@ -117,6 +138,18 @@ class ReferenceStep:
         grad = g_d - self.lam * dot / (g_g * g_g).sum() * g_g if dot < 0 else g_d
         self.optimizer.zero_grad()
         self.ctx.grad = grad
+        self.optimizer.step()
+
+    def coop_step(self) -> None:
+        """CoOp's released step: the image tower once, the 77-token text tower with grad, one backward, SGD."""
+        model = self.model
+        images = self.image_features()
+        x = torch.cat([self.embedded[:, :1], self.ctx.expand(len(self.rows), -1, -1), self.embedded[:, 1 + N_CTX :]], 1)
+        x = model.transformer(x + model.positional_embedding, attn_mask=model.attn_mask)
+        text = model.ln_final(x)[self.rows, self.eot] @ model.text_projection
+        loss = F.cross_entropy(self.scale * images @ F.normalize(text, dim=-1).T, self.labels)
+        self.optimizer.zero_grad()
+        loss.backward()
         self.optimizer.step()
 
 
@@ -151,7 +184,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--classes", type=int, default=None, help="the first N OxfordPets classes (default all 37)")
     parser.add_argument("--prompts", type=Path, default=DEFAULT_PROMPTS, help="clip_prompts.json with class names")
     parser.add_argument("--out", type=Path, default=RESULTS / "train_step.csv", help="CSV to append rows to")
+    parser.add_argument(
+        "--sub-batch",
+        type=int,
+        default=None,
+        help="also time each P above N as consecutive steps of engines of at most N runs",
+    )
+    parser.add_argument("--skip-reference", action="store_true", help="time fastprompt only (no speed-up columns)")
+    parser.add_argument("--note", default="", help="appended to every row's note (e.g. the allocator's settings)")
     return parser.parse_args(argv)
+
+
+def runs_of(variant: str) -> int:
+    """P of a fastprompt variant ("fastprompt_P45", "fastprompt_P45_sub15"); 1 for the others."""
+    return int(variant.split("_")[1][1:]) if variant.startswith("fastprompt_P") else 1
+
+
+def counting_faults(fn, faults: list[int]):
+    """`fn`, recording the minor page faults of each call (fresh pages the kernel maps and zeroes)."""
+
+    def call():
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        fn()
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+
+    return call
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -169,15 +226,23 @@ def main(argv: list[str] | None = None) -> int:
     features = torch.randn(16 * k, 1, embed_dim, generator=torch.Generator().manual_seed(1))
     labels = torch.arange(16 * k) % k  # the engine moves the features to the encoder's device; its indices stay here
 
-    variants = {
-        "reference_issue": ReferenceStep(clip, classnames, teacher, args.batch, teacher_text_per_step=True),
-        "reference_released": ReferenceStep(clip, classnames, teacher, args.batch, teacher_text_per_step=False),
-    }
-    image_only = variants["reference_released"].image_features
+    variants = {}
+    if not args.skip_reference:
+        variants["reference_issue"] = ReferenceStep(clip, classnames, teacher, args.batch, teacher_text_per_step=True)
+        variants["reference_released"] = ReferenceStep(clip, classnames, teacher, args.batch, False)
     engines = {p: build_engine(clip, classnames, teacher, p, features, labels) for p in sorted(args.contexts)}
+    faults: dict[str, list[int]] = {}
     for p, engine in engines.items():
         variants[f"fastprompt_P{p}"] = engine.step
-    variants["image_tower_x1"] = image_only  # a component of the reference, for the explanation
+        if args.sub_batch and p > args.sub_batch:  # what `_sweep` does with groups larger than its chunk
+            sizes = [min(args.sub_batch, p - start) for start in range(0, p, args.sub_batch)]
+            parts = [build_engine(clip, classnames, teacher, size, features, labels) for size in sizes]
+            variants[f"fastprompt_P{p}_sub{args.sub_batch}"] = lambda parts=parts: [part.step() for part in parts]
+    for name in [name for name in variants if name.startswith("fastprompt_P")]:
+        faults[name] = []
+        variants[name] = counting_faults(variants[name], faults[name])
+    if not args.skip_reference:  # a component of the reference, for the explanation
+        variants["image_tower_x1"] = variants["reference_released"].image_features
     if args.device == "cuda":  # a call's time is until its work is done on the device
         variants = {name: (lambda fn=fn: (fn(), torch.cuda.synchronize())) for name, fn in variants.items()}
     print(f"Timing {', '.join(variants)} ({args.repeats} rounds after one warm-up step each)...", flush=True)
@@ -192,10 +257,11 @@ def main(argv: list[str] | None = None) -> int:
         "reference_released": 2 * args.batch * image_gflops + 3 * tokens_full * token_gflops,
         "image_tower_x1": args.batch * image_gflops,
     }
-    for p in engines:
-        predicted[f"fastprompt_P{p}"] = 3 * tokens_sp * token_gflops  # forward + two cotangents, per run
-    per_run = {name: median(values) / (int(name[12:]) if name.startswith("fastprompt_P") else 1)
-               for name, values in times.items()}  # fmt: skip
+    for name in times:
+        if name.startswith("fastprompt_P"):
+            predicted[name] = 3 * tokens_sp * token_gflops  # forward + two cotangents, per run
+    per_run = {name: median(values) / runs_of(name) for name, values in times.items()}
+    reference = {name: per_run.get(name) for name in ("reference_issue", "reference_released")}
     notes = {
         "reference_issue": "2 image-tower passes + student 37x77 fwd + 2 backward + teacher 37x77 fwd",
         "reference_released": "as reference_issue, teacher text computed once at init",
@@ -203,10 +269,15 @@ def main(argv: list[str] | None = None) -> int:
     }
     rows = []
     for name, values in times.items():
-        p = int(name[12:]) if name.startswith("fastprompt_P") else 1
-        is_step = name != "image_tower_x1"
+        p = runs_of(name)
+        is_step = name != "image_tower_x1" and reference["reference_issue"] is not None
         speedup = per_run["reference_issue"] / per_run[name] if is_step else None
         predicted_speedup = predicted["reference_issue"] / predicted[name] if is_step and rn50 else None
+        note = notes.get(name, f"LockstepEngine.step, {p} ProGrad run(s), shared prefix {tokens_sp} tokens/run")
+        if "_sub" in name:
+            note += f", as consecutive steps of engines of at most {args.sub_batch} runs"
+        if faults.get(name):
+            note += f"; minor page faults per step (median) {statistics.median(faults[name][1:] or faults[name]):.0f}"
         rows.append(
             {
                 "variant": name,
@@ -217,14 +288,13 @@ def main(argv: list[str] | None = None) -> int:
                 "repeats": len(values),
                 "s_per_run_step": f"{per_run[name]:.4g}",
                 "speedup_vs_issue": f"{speedup:.2f}" if speedup else "",
-                "speedup_vs_released": f"{per_run['reference_released'] / per_run[name]:.2f}" if is_step else "",
+                "speedup_vs_released": f"{reference['reference_released'] / per_run[name]:.2f}" if is_step else "",
                 "predicted_gflop_per_run_step": f"{predicted[name]:.1f}",
                 "predicted_speedup_vs_issue": f"{predicted_speedup:.2f}" if predicted_speedup else "",
                 "measured_over_predicted": f"{speedup / predicted_speedup:.2f}" if predicted_speedup else "",
                 "gflops_per_s": f"{predicted[name] / per_run[name]:.1f}",
                 "times_s": " ".join(f"{t:.3g}" for t in values),
-                "note": ("" if rn50 else f"model {args.model}; ")
-                + notes.get(name, f"LockstepEngine.step, {p} ProGrad run(s), shared prefix {tokens_sp} tokens/run"),
+                "note": ("" if rn50 else f"model {args.model}; ") + note + (f"; {args.note}" if args.note else ""),
             }
         )
     columns = ["variant", "P", "median_s", "s_per_run_step", "speedup_vs_issue", "speedup_vs_released",
