@@ -343,7 +343,7 @@ def test_shots_zero_trains_on_the_whole_training_split(tiny, tmp_path):
 def test_heads_run_in_the_sweep_as_their_fit_alone(tiny, tmp_path):
     from fastprompt.heads import HEADS
     from fastprompt.train.heads import head_task
-    from fastprompt.train.sweep import DatasetView, _templates
+    from fastprompt.train.view import DatasetView, _templates
 
     cache = CenterCache()
     configs = expand_sweep({"method": ["tip_adapter", "gda", "cosine+prograd", "clap"]},

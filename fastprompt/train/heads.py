@@ -20,7 +20,7 @@ def head_task(config: RunConfig, view, clip, template: str):
     """The HeadTask of run `config`: its few-shot training views and centre features, its validation images, the test
     split (raw features; the setting's classes) and the zero-shot classifier of `template` (ProGrad's teacher)."""
     from fastprompt.heads.task import HeadTask
-    from fastprompt.train.sweep import _select, whole_split
+    from fastprompt.train.view import _select, whole_split
 
     cache = view.cache
     subset = cache.fewshot(config.shots, config.seed) if config.shots else whole_split(cache)

@@ -168,7 +168,7 @@ def train_online(cache, dataset, clip, configs: list[RunConfig], out_dir: str | 
 def _train_group(configs, cache, clip, crops: EpochCrops, prefix, prograd_template, writer, options) -> None:
     from fastprompt.encoder import PromptEncoder
     from fastprompt.prompt import random_context
-    from fastprompt.train.sweep import DatasetView
+    from fastprompt.train.view import DatasetView
     from fastprompt.zeroshot import zero_shot_weights
 
     view = DatasetView(cache, clip, "fewshot")

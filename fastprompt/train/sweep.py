@@ -21,10 +21,12 @@ from fastprompt.kernels.prograd_update import prograd_update
 from fastprompt.locks import FolderLock
 from fastprompt.prompt import random_context
 from fastprompt.templates import ensemble_templates, template_prefix
+from fastprompt.train.baselines import _baseline
 from fastprompt.train.config import RunConfig, Schedule
 from fastprompt.train.engine import LockstepEngine, RunState
 from fastprompt.train.results import ResultWriter, run_record
 from fastprompt.train.transfer import TransferTargets
+from fastprompt.train.view import DatasetView, _templates
 from fastprompt.zeroshot import accuracy, zero_shot_weights
 
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -44,77 +46,6 @@ class SweepOptions:
     targets: list = field(default_factory=list)  # FeatureCaches to evaluate every trained context on (transfer)
 
 
-class DatasetView:
-    """The classes, features and subsets a run sees in its setting (few-shot: all classes; base2new: base ones)."""
-
-    def __init__(self, cache, clip, setting: str) -> None:
-        from fastprompt.data.fewshot import split_base_new
-
-        self.cache, self.clip, self.setting = cache, clip, setting
-        self.memo: dict = {}  # per-view results computed once for several runs (zero-shot weights of the heads)
-        names = cache.classnames
-        all_labels = list(range(len(names)))
-        self.base, self.new = split_base_new(len(names)) if setting == "base2new" else (all_labels, [])
-        self.base_names = [names[i] for i in self.base]
-        self.new_names = [names[i] for i in self.new]
-        self.train = cache.split("train")
-        test = cache.split("test")
-        self.test_base = _select(test.features[:, 0], test.labels, self.base)
-        self.test_new = _select(test.features[:, 0], test.labels, self.new) if self.new else None
-
-    def train_center(self) -> torch.Tensor:
-        """(N, 1, D): each training image's centre-crop view as the only view (training without augmentation).
-
-        Raises:
-            FastPromptError: the cache predates the centre view (format 1).
-        """
-        return self.cache.center_features("train", "training without augmentation")[:, None]
-
-    def subset(self, shots: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, list[str], list[str]]:
-        """Training rows and their labels in the setting's class space, plus the subset's keys (shots 0: the whole
-        training split of a `--full-train` cache, its validation split as the validation images)."""
-        subset = self.cache.fewshot(shots, seed) if shots else whole_split(self.cache)
-        labels = self.train.labels[subset.train_index]
-        mapping = torch.full((len(self.cache.classnames),), -1, dtype=torch.long, device=labels.device)
-        mapping[torch.tensor(self.base, device=labels.device)] = torch.arange(len(self.base), device=labels.device)
-        relabelled = mapping[labels]
-        keep = relabelled >= 0
-        return subset.train_index[keep].cpu(), relabelled[keep].cpu(), subset.train_keys, subset.val_keys
-
-
-def whole_split(cache):
-    """The whole training and validation splits as a subset (shots 0), for a cache made with --full-train.
-
-    Raises:
-        FastPromptError: the cache holds only few-shot subsets.
-    """
-    from fastprompt.cache.loader import FewShotSubset
-
-    if not cache.manifest.get("full_train"):
-        raise FastPromptError(
-            f"Shots 0 trains on the whole training split, which the cache '{cache.path}' does not hold; build one "
-            f"with `fastprompt cache --full-train`."
-        )
-    train, val = cache.split("train"), cache.split("val")
-    device = train.labels.device
-    return FewShotSubset(
-        0, 0, torch.arange(len(train.keys), device=device), torch.arange(len(val.keys), device=device),
-        list(train.keys), list(val.keys),
-    )  # fmt: skip
-
-
-def _select(features: torch.Tensor, labels: torch.Tensor, classes: list[int], normalize: bool = True):
-    if not classes:
-        return None
-    mapping = torch.full((int(labels.max()) + 1 if labels.numel() else 1,), -1, dtype=torch.long, device=labels.device)
-    chosen = torch.tensor([c for c in classes if c < mapping.numel()], dtype=torch.long, device=labels.device)
-    mapping[chosen] = torch.arange(chosen.numel(), device=labels.device)
-    relabelled = mapping[labels]
-    keep = relabelled >= 0
-    chosen_features = features[keep].float()
-    return (F.normalize(chosen_features, dim=-1) if normalize else chosen_features), relabelled[keep]
-
-
 def _evaluate(encoder, context: torch.Tensor, test) -> tuple[float, list, torch.Tensor | None]:
     """(accuracy %, per-class accuracies, predictions) of a shared context on (features, labels)."""
     if test is None:
@@ -124,15 +55,6 @@ def _evaluate(encoder, context: torch.Tensor, test) -> tuple[float, list, torch.
         weights = F.normalize(encoder(context[None].to(encoder.device))[0].float(), dim=-1)
     predictions = (features.to(weights.device) @ weights.T).argmax(dim=-1)
     return (*accuracy(predictions, labels, encoder.num_classes), predictions)
-
-
-def _templates(cache) -> tuple[str, str]:
-    templates = cache.manifest.get("templates") or {}
-    from fastprompt.templates import coop_template, prograd_template
-
-    return templates.get("prograd") or prograd_template(cache.dataset), templates.get("coop") or coop_template(
-        cache.dataset
-    )
 
 
 def run_sweep(cache, clip, configs: list[RunConfig], out_dir: Path, options: SweepOptions | None = None) -> list[dict]:
@@ -469,76 +391,6 @@ def _restore(engine: LockstepEngine, writer: ResultWriter, progress) -> None:
             run.load_state_dict(files[name]["run"])
             engine.restore(index, files[name])
             progress.update(run.step)
-
-
-def _linear_probe_metrics(view: DatasetView, config: RunConfig, rows: torch.Tensor, labels: torch.Tensor) -> dict:
-    """CoOp's lpclip (PROTOCOL.md section 6): one centre-view feature per training image (never the augmented views),
-    not normalised; C searched on the few-shot validation images, or on the test images where the dataset has no
-    validation split (ImageNet), as CoOp does there. `c_search_split` in the metrics says which.
-
-    Raises:
-        FastPromptError: the cache predates the training images' centre view (format 1): rebuild it.
-    """
-    from fastprompt.train.linear_probe import linear_probe
-
-    cache = view.cache
-    center = cache.center_features("train", "CoOp's linear probe")
-    subset = cache.fewshot(config.shots, config.seed)
-    val, test = cache.split("val"), cache.split("test")
-    val_feats, val_labels = _select(
-        val.center[subset.val_index], val.labels[subset.val_index], view.base, normalize=False
-    )
-    test_feats, test_labels = _select(test.center, test.labels, view.base, normalize=False)
-    search_split = "val" if val_labels.numel() else "test"
-    if search_split == "test":
-        val_feats, val_labels = test_feats, test_labels
-    result = linear_probe(
-        center[rows.to(center.device)].float(),  # (n, D): one sample per training image
-        labels.to(center.device),
-        val_feats,
-        val_labels,
-        test_feats,
-        test_labels,
-        len(view.base_names),
-        normalize=False,  # CoOp's probe fits the raw image-tower outputs
-    )
-    return {
-        "accuracy": result.accuracy,
-        "per_class_accuracy": result.per_class_accuracy,
-        "best_c": result.best_c,
-        "c_search_split": search_split,
-        "predictions": result.predictions,
-    }
-
-
-def _baseline(config: RunConfig, view: DatasetView, clip, prograd_tpl: str, coop_tpl: str):
-    """Zero-shot CLIP, CLIP++ and the linear probe: (metrics, timings, train keys, val keys)."""
-    started = time.monotonic()
-    rows, labels, train_keys, val_keys = view.subset(config.shots, config.seed)
-    predictions: dict = {}
-    if config.declaration.kind == "probe":
-        metrics = _linear_probe_metrics(view, config, rows, labels)
-        if metrics.get("predictions") is not None:
-            predictions = {"predictions": metrics.pop("predictions"), "labels": view.test_base[1]}
-    else:
-        ensemble = config.declaration.templates == "ensemble"
-        templates = ensemble_templates(view.cache.dataset, coop_tpl) if ensemble else coop_tpl
-        weights = zero_shot_weights(clip, view.base_names, templates)
-        test_feats, test_labels = view.test_base
-        base_predictions = (test_feats @ weights.T.to(test_feats.device)).argmax(-1)
-        acc, per_class = accuracy(base_predictions, test_labels, len(view.base_names))
-        metrics = {"accuracy": acc, "per_class_accuracy": per_class}
-        predictions = {"predictions": base_predictions, "labels": test_labels}
-        if view.new_names:
-            new_weights = zero_shot_weights(clip, view.new_names, templates)
-            new_feats, new_labels = view.test_new
-            new_predictions = (new_feats @ new_weights.T.to(new_feats.device)).argmax(-1)
-            new_acc, _ = accuracy(new_predictions, new_labels, len(view.new_names))
-            predictions.update(new_predictions=new_predictions, new_labels=new_labels)
-            harmonic = 2 * acc * new_acc / (acc + new_acc) if acc + new_acc > 0 else 0.0
-            metrics.update(base_accuracy=acc, new_accuracy=new_acc, harmonic_mean=harmonic)
-    timings = {"train_seconds": time.monotonic() - started, "steps": 0}
-    return metrics, timings, train_keys, val_keys, predictions
 
 
 __all__ = ["SweepOptions", "load_cache_clip", "run_sweep", "run_record"]  # load_cache_clip: its old home

@@ -83,7 +83,7 @@ def trained_teacher_weights(path: str, clip, cache, view, n_ctx: int | None = No
 
     from fastprompt.encoder import PromptEncoder
     from fastprompt.templates import template_prefix
-    from fastprompt.train.sweep import _templates
+    from fastprompt.train.view import _templates
 
     folder = teacher_run_folder(path)
     try:
