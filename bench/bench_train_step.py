@@ -191,6 +191,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="also time each P above N as consecutive steps of engines of at most N runs",
     )
     parser.add_argument("--skip-reference", action="store_true", help="time fastprompt only (no speed-up columns)")
+    parser.add_argument(
+        "--keep-freed-memory",
+        action="store_true",
+        help="glibc keeps freed memory in the process, as `fastprompt train` on the CPU does",
+    )
     parser.add_argument("--note", default="", help="appended to every row's note (e.g. the allocator's settings)")
     return parser.parse_args(argv)
 
@@ -213,6 +218,11 @@ def counting_faults(fn, faults: list[int]):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.keep_freed_memory:
+        from fastprompt.train.memory import keep_freed_memory
+
+        kept = keep_freed_memory()
+        args.note = "; ".join(filter(None, [args.note, f"freed memory kept (keep_freed_memory: {kept})"]))
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     start = time.perf_counter()

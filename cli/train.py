@@ -118,6 +118,13 @@ def train_command(
     data: Annotated[
         Path | None, typer.Option(help="The dataset root the cache was made from (for --online-augment).")
     ] = None,
+    keep_freed_memory: Annotated[
+        bool,
+        typer.Option(
+            help="CPU: keep freed memory in the process so that large activations are reused, not faulted in at "
+            "every step (glibc; bench/results/README.md). The process keeps its peak memory until it exits."
+        ),
+    ] = True,
     list_methods: Annotated[bool, typer.Option(help="Print every method's loss and defaults, and stop.")] = False,
     dry_run: Annotated[bool, typer.Option(help="Print the resolved runs and stop.")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
@@ -135,6 +142,10 @@ def train_command(
         return
     check_device(device)
     chunk = parse_class_chunk(class_chunk)
+    if keep_freed_memory and device == "cpu":
+        from fastprompt.train.memory import keep_freed_memory as keep
+
+        keep()
     if not checkpoint_minutes >= 0:  # also NaN; 0 is allowed: a checkpoint after every step (SweepOptions)
         raise FastPromptError(
             f"--checkpoint-minutes must be a number of minutes >= 0 (0: after every step), got {checkpoint_minutes}."

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from fastprompt.cli.app import load_commands
@@ -98,3 +101,35 @@ def test_cli_refuses_a_bad_class_chunk(tmp_path):
                                       "--class-chunk", "lots"])  # fmt: skip
     assert result.exit_code != 0
     assert "--class-chunk must be a positive number of classes or 'auto'" in result.output + str(result.exception)
+
+
+PAGE_FAULTS = """
+import resource, sys, torch
+from fastprompt.train.memory import keep_freed_memory
+kept = keep_freed_memory() if sys.argv[1] == "keep" else False
+faults = []
+for _ in range(8):  # a step's activations: two blocks above glibc's 32 MiB mmap threshold, freed at its end
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    first, second = torch.ones(64 << 18), torch.ones(48 << 18)
+    del first, second
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(kept, sum(faults[-3:]))
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's allocator")
+def test_kept_freed_memory_is_reused_without_page_faults():
+    """`fastprompt train` on the CPU keeps freed memory (bench/results/README.md, train_step.csv): a step's large
+    activations are then reused by the next step instead of faulting in fresh pages at every step."""
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("not glibc")
+    results = {}
+    for mode in ("keep", "default"):
+        done = subprocess.run([sys.executable, "-c", PAGE_FAULTS, mode], capture_output=True, text=True, check=True)
+        kept, faults = done.stdout.split()
+        results[mode] = (kept == "True", int(faults))
+    assert results["keep"][0] and not results["default"][0]
+    assert results["default"][1] > 3 * 20_000, "the default allocator should fault the blocks in at every step"
+    assert results["keep"][1] < results["default"][1] / 100
