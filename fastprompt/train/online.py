@@ -105,22 +105,6 @@ class EpochCrops:
         return F.normalize(full, dim=-1)
 
 
-def _prompt_prefix(config: RunConfig, prograd_template: str) -> str | None:
-    from fastprompt.templates import template_prefix
-
-    return template_prefix(prograd_template) if config.init == "template" else None
-
-
-def _templates(cache) -> tuple[str, str]:
-    from fastprompt.templates import coop_template, prograd_template
-
-    templates = cache.manifest.get("templates") or {}
-    return (
-        templates.get("prograd") or prograd_template(cache.dataset),
-        templates.get("coop") or coop_template(cache.dataset),
-    )
-
-
 def train_online(cache, dataset, clip, configs: list[RunConfig], out_dir: str | Path, options=None) -> list[dict]:
     """Train prompt runs with a fresh crop of every training image at every epoch; write them like a sweep.
 
@@ -155,6 +139,8 @@ def train_online(cache, dataset, clip, configs: list[RunConfig], out_dir: str | 
         pending = [c for c in configs if not writer.finished(c.run_id)]
         if pending:
             crops = EpochCrops(cache, dataset, clip, options)
+            from fastprompt.train.sweep import _prompt_prefix, _templates  # the cached trainer's prompt layout
+
             prograd_template, _ = _templates(cache)
             groups: dict[tuple, list[RunConfig]] = defaultdict(list)
             for config in pending:
@@ -168,6 +154,7 @@ def train_online(cache, dataset, clip, configs: list[RunConfig], out_dir: str | 
 def _train_group(configs, cache, clip, crops: EpochCrops, prefix, prograd_template, writer, options) -> None:
     from fastprompt.encoder import PromptEncoder
     from fastprompt.prompt import random_context
+    from fastprompt.train.sweep import _close_epoch, _evaluate  # the cached trainer's epoch log and evaluation
     from fastprompt.train.view import DatasetView
     from fastprompt.zeroshot import zero_shot_weights
 
@@ -212,14 +199,15 @@ def _train_group(configs, cache, clip, crops: EpochCrops, prefix, prograd_templa
             for index in stepped:
                 run = engine.runs[index]
                 if run.step % run.schedule.iterations == 0 and engine.collect(index):
-                    _close_epoch(run, encoder, engine.context(index), view)
+                    _close_epoch(engine, index, encoder, view)
     for index, run in enumerate(engine.runs):
         engine.collect(index)
         context = engine.context(index)
-        metrics = {}
+        metrics, predictions = {}, None
         if run.status != "failed":
-            accuracy, per_class = _evaluate(encoder, context, view.test_base)
+            accuracy, per_class, test_predictions = _evaluate(encoder, context, view.test_base)
             metrics = {"accuracy": accuracy, "per_class_accuracy": per_class}
+            predictions = {"predictions": test_predictions, "labels": view.test_base[1]}
         metrics["augmentation"] = {"kind": "online", "seed": crops.transform.seed, "crops_per_image": epochs}
         timings = {
             "train_seconds": time.monotonic() - started,
@@ -240,6 +228,8 @@ def _train_group(configs, cache, clip, crops: EpochCrops, prefix, prograd_templa
             status="failed" if run.status == "failed" else "done",
             reason=run.reason,
             divergence=run.divergence,
+            predictions=predictions,
+            classes=view.base_names,
         )
 
 
@@ -249,33 +239,3 @@ def _epochs(count: int, progress: bool):
     from tqdm.auto import tqdm
 
     return tqdm(range(count), unit="epoch", desc="online training", dynamic_ncols=True)
-
-
-def _evaluate(encoder, context: torch.Tensor, test) -> tuple[float, list]:
-    from fastprompt.zeroshot import accuracy
-
-    features, labels = test
-    with torch.no_grad():
-        weights = F.normalize(encoder(context[None].to(encoder.device))[0].float(), dim=-1)
-    predictions = (features.to(weights.device) @ weights.T).argmax(dim=-1)
-    return accuracy(predictions, labels, encoder.num_classes)
-
-
-def _close_epoch(run: RunState, encoder, context: torch.Tensor, view) -> None:
-    """The run's per-epoch log record, as the cached trainer writes it."""
-    totals, epoch = run.totals, run.epoch
-    steps = max(totals.get("steps", 1.0), 1.0)
-    record = {
-        "epoch": epoch,
-        "lr": totals.get("lr"),
-        "loss": totals.get("loss", 0.0) / steps,
-        "train_accuracy": 100.0 * totals.get("correct", 0.0) / max(totals.get("seen", 1.0), 1.0),
-    }
-    if run.config.method == "prograd":
-        record["cos_mean"] = totals.get("cos", 0.0) / steps
-        record["conflict_fraction"] = totals.get("conflicts", 0.0) / steps
-    every = run.config.eval_every
-    if every and (epoch % every == 0 or run.done):
-        record["test_accuracy"] = _evaluate(encoder, context, view.test_base)[0]
-    run.log.append(record)
-    run.totals = {}
