@@ -16,6 +16,7 @@ import torch
 
 from fastprompt.atomic import append_line, full_disk_reported, remove_stale_temporaries, write_bytes
 from fastprompt.locks import taking_turns
+from fastprompt.methods import METHODS
 from fastprompt.train.config import RunConfig
 
 INDEX = "results.jsonl"
@@ -305,9 +306,10 @@ def summary_table(records: list[dict], key: str = "accuracy") -> str:
             failed += record.get("status") == "failed"
             continue
         label = record["method"]
-        if record["method"] in ("prograd", "prograd_ensemble") and record.get("lambda") not in (None, 1.0):
+        knob = METHODS[label].knob if label in METHODS else None  # the swept knob tells rows apart (methods.py)
+        if knob == "lambda" and record.get("lambda") not in (None, 1.0):
             label += f" (lambda {record['lambda']:g})"
-        if record["method"] == "kd":
+        if knob == "alpha":
             label += f" (alpha {record.get('alpha', 1.0):g})"
         cells[(record["dataset"], record.get("setting", "fewshot"), label)][record["shots"]].append(record)
         shots_seen.add(record["shots"])
