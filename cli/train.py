@@ -51,8 +51,12 @@ def _list(text: str | None) -> list[str] | None:
 
 @app.command("train", help=HELP, no_args_is_help=True)
 def train_command(
-    cache: Annotated[Path, typer.Option(help="Feature cache folder (made by `fastprompt cache`).")],
-    out: Annotated[Path, typer.Option(help="Sweep folder: one sub-folder per run plus results.jsonl.")],
+    cache: Annotated[
+        Path | None, typer.Option(help="Feature cache folder (made by `fastprompt cache`); required.")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Sweep folder: one sub-folder per run plus results.jsonl; required.")
+    ] = None,
     methods: Annotated[str, typer.Option(help="Comma-separated methods.")] = "zeroshot,coop,prograd",
     shots: Annotated[str | None, typer.Option(help="Comma-separated shot counts (default: all in the cache).")] = None,
     seeds: Annotated[str | None, typer.Option(help="Comma-separated seeds (default: all in the cache).")] = None,
@@ -140,6 +144,8 @@ def train_command(
     if list_methods:
         _print_methods()
         return
+    if cache is None or out is None:
+        raise FastPromptError("`fastprompt train` needs --cache (a feature cache folder) and --out (the sweep folder).")
     check_device(device)
     chunk = parse_class_chunk(class_chunk)
     if keep_freed_memory and device == "cpu":

@@ -427,3 +427,16 @@ def test_a_head_that_needs_views_fails_alone_on_a_one_view_cache(tiny, tmp_path)
     reason = json.loads((tmp_path / records["gda"]["run_id"] / "result.json").read_text())["reason"]
     assert "augmented views" in reason and "--views" in reason
     assert records["linear_sgd"]["status"] == "done"
+
+
+def test_list_methods_prints_every_declaration():
+    from fastprompt.cli.app import app, load_commands
+    from typer.testing import CliRunner
+
+    load_commands()
+    listed = CliRunner().invoke(app, ["train", "--list-methods"])
+    assert listed.exit_code == 0, listed.output
+    names = [line.split()[0] for line in listed.output.splitlines() if line.strip()]
+    assert names == list(METHODS)
+    missing = CliRunner().invoke(app, ["train", "--methods", "coop"])
+    assert missing.exit_code == 2 and "--cache" in missing.output and "Traceback" not in missing.output
