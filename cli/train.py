@@ -148,7 +148,8 @@ def train_command(
         raise FastPromptError("`fastprompt train` needs --cache (a feature cache folder) and --out (the sweep folder).")
     check_device(device)
     chunk = parse_class_chunk(class_chunk)
-    if keep_freed_memory and device == "cpu":
+    if keep_freed_memory and device == "cpu" and chunk != "auto":  # auto sizes chunks by the system's free memory,
+        # which does not count what this process keeps
         from fastprompt.train.memory import keep_freed_memory as keep
 
         keep()
