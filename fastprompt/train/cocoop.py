@@ -46,7 +46,16 @@ from fastprompt.errors import FastPromptError
 from fastprompt.kernels.prograd_update import prograd_update
 from fastprompt.prompt import random_context
 from fastprompt.templates import prograd_template, template_prefix
-from fastprompt.train.engine import SUM_COLUMNS, LockstepEngine, RunState, finite_rows, padded_batch, update_step
+from fastprompt.train.engine import (
+    SUM_COLUMNS,
+    LockstepEngine,
+    RunState,
+    finite_rows,
+    padded_batch,
+    restore_flags,
+    teacher_logits_of,
+    update_step,
+)
 from fastprompt.train.memory import resolve_class_chunk
 from fastprompt.zeroshot import accuracy
 
@@ -306,10 +315,7 @@ class CocoopEngine:
         self.params[piece] = state["params"].reshape(-1).to(self.params)
         self.momentum_buf[piece] = state["momentum"].reshape(-1).to(self.params)
         self.first_step[index] = bool(state["first_step"])
-        if "sums" in state:
-            self.sums[index] = state["sums"].to(self.sums)
-        self.diverged[index] = bool(state.get("diverged", False))
-        self.diverged_at[index] = int(state.get("diverged_at", 0))
+        restore_flags(self, index, state)
 
     # ------------------------------------------------------------------------------------------------- step
     def step(self) -> list[int]:
@@ -321,11 +327,7 @@ class CocoopEngine:
         index = torch.tensor(active, device=self.device)
         # A diverged run (frozen until collected) joins the shared passes with zero parameters (LockstepEngine).
         params = torch.where(self.diverged[index][:, None], 0.0, self.params.view(len(self.runs), -1)[index])
-        teacher_logits = None
-        with_teacher = any(self.runs[i].teacher is not None for i in active)
-        if with_teacher:
-            weights = torch.stack([self.teachers[self.runs[i].teacher or next(iter(self.teachers))] for i in active])
-            teacher_logits = self.logit_scale * images @ weights.transpose(1, 2)  # (P, B, K)
+        teacher_logits = teacher_logits_of(self, active, images)
         temperatures = torch.tensor([self.runs[i].config.temperature for i in active], device=self.device)
         grads, losses = self._gradients(params, images, labels, mask, teacher_logits, temperatures)
         self._update(active, grads, losses)

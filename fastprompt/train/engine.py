@@ -192,10 +192,7 @@ class LockstepEngine:
     def restore(self, index: int, state: dict) -> None:
         """Put back what `checkpoint` returned (a checkpoint without sums or flags: zero sums, not diverged)."""
         self.set_state(index, state["context"], state["momentum"], state["first_step"])
-        if "sums" in state:
-            self.sums[index] = state["sums"].to(self.sums)
-        self.diverged[index] = bool(state.get("diverged", False))
-        self.diverged_at[index] = int(state.get("diverged_at", 0))
+        restore_flags(self, index, state)
 
     # ------------------------------------------------------------------------------------------------- step
     def step(self) -> list[int]:
@@ -209,17 +206,13 @@ class LockstepEngine:
         # batched kernel does, its NaN or inf meets the other runs' numbers in one step at most.
         frozen = self.diverged[torch.tensor(active).to(self.device, non_blocking=True)]
         contexts = torch.where(frozen[:, None, None], 0.0, contexts)
-        needs_teacher = [self.runs[i].teacher is not None for i in active]
-        teacher_logits = None
-        if any(needs_teacher):
-            weights = torch.stack([self.teachers[self.runs[i].teacher or next(iter(self.teachers))] for i in active])
-            teacher_logits = self.logit_scale * images @ weights.transpose(1, 2)  # (P, B, K)
+        teacher_logits = teacher_logits_of(self, active, images)
         head = _Head(self, images, labels, mask, teacher_logits, [self.runs[i].config.temperature for i in active])
         distance = [self.runs[i].config.declaration.text_distance for i in active]
         if any(distance):  # KgCoOp: the learned class text features are pulled towards the hand-crafted ones
             anchors = torch.stack([self.teachers[self.runs[i].anchor or next(iter(self.teachers))] for i in active])
             head.text_distance = (torch.tensor(distance, device=self.device), anchors)
-        grads, losses = self._gradients(contexts, head, any(needs_teacher))
+        grads, losses = self._gradients(contexts, head, teacher_logits is not None)
         self._update(active, grads, losses)
         return active
 
@@ -342,6 +335,25 @@ class LockstepEngine:
         if self.autocast_dtype is None or self.device.type != "cuda":
             return torch.autocast(device_type="cpu", enabled=False)
         return torch.autocast(device_type="cuda", dtype=self.autocast_dtype)
+
+
+def teacher_logits_of(engine, active: list[int], images: torch.Tensor) -> torch.Tensor | None:
+    """(P, B, K) logits of each active run's teacher on its images, or None when no active run has a teacher (a run
+    without one in a mixed group gets any teacher's: its G_g is unused)."""
+    if not any(engine.runs[i].teacher is not None for i in active):
+        return None
+    teachers = engine.teachers
+    weights = torch.stack([teachers[engine.runs[i].teacher or next(iter(teachers))] for i in active])
+    return engine.logit_scale * images @ weights.transpose(1, 2)
+
+
+def restore_flags(engine, index: int, state: dict) -> None:
+    """Put back run `index`'s sums not yet logged and its divergence flag from a checkpoint (older checkpoints
+    without them: zero sums, not diverged)."""
+    if "sums" in state:
+        engine.sums[index] = state["sums"].to(engine.sums)
+    engine.diverged[index] = bool(state.get("diverged", False))
+    engine.diverged_at[index] = int(state.get("diverged_at", 0))
 
 
 def padded_batch(engine, active: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
