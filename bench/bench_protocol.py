@@ -19,7 +19,9 @@ Parts, all in one process (timings interleaved where they are compared):
 3. end to end (`--e2e`): `run_sweep` over every run of those datasets (prompt runs and baselines) on a synthetic
    in-memory cache, epochs multiplied by `--epoch-scale` (1 = the whole protocol). Every engine step is timed, and the
    grid's model predicts the same steps: the model's error on measured sweeps. The rest of the wall time (teacher
-   weights, baselines, evaluation, files) is the overhead, fitted as o0 + o1 x K over the e2e datasets.
+   weights, baselines, evaluation, files) is the overhead, fitted as o0 + o1 x K over the e2e datasets. With
+   `--e2e-dir` the e2e runs first and may take several pieces (processes); the grid and reference are measured by the
+   piece that completes it.
 4. projection: every dataset at the protocol's full epochs: the lock-step groups as `_sweep` forms them (CoOp alone,
    ProGrad with ProGrad++), a group stepping until its longest run ends with P its runs still active; fastprompt =
    sum of the model's step times + overhead; released code = sum over runs of steps x its per-step time at K.
@@ -30,7 +32,11 @@ protocol.png (cost against classes) from the CSV's latest rows.
 Usage (times measured on a loaded 2-core machine, 1 thread):
     python bench/bench_protocol.py --e2e EuroSAT DescribableTextures --epoch-scale 0.01      # 13 minutes
     python bench/bench_protocol.py --repeats 2 --e2e EuroSAT --epoch-scale 0.1 --e2e-baselines  # 12 minutes
-    python bench/bench_protocol.py --e2e EuroSAT DescribableTextures --epoch-scale 1  # whole: projected 12 h
+    python bench/bench_protocol.py --e2e EuroSAT --epoch-scale 1 --e2e-baselines --e2e-dir bench/.protocol_e2e
+    # a whole dataset longer than one sitting, in pieces: each piece stops cleanly at a checkpoint after 2 hours;
+    # rerun the same command until the rows are written (the pieces' wall times are summed; bench/results/README.md)
+    python bench/bench_protocol.py --e2e OxfordPets --epoch-scale 1 --e2e-baselines --e2e-dir bench/.protocol_e2e \
+        --e2e-hours 2
     python bench/bench_protocol.py --plot
 """
 
@@ -53,6 +59,7 @@ from fastprompt.encoder import PromptEncoder
 from fastprompt.templates import prograd_template, template_prefix
 from fastprompt.train.config import RunConfig, Schedule, default_epochs, expand_sweep, iterations_per_epoch, resolve
 from fastprompt.train.engine import LockstepEngine, RunState
+from fastprompt.train.memory import keep_freed_memory
 from fastprompt.train.sweep import SweepOptions, run_sweep
 from fastprompt.zeroshot import zero_shot_weights
 
@@ -330,48 +337,128 @@ def reference_seconds(configs, k: int, model: ReferenceModel) -> float:
 
 
 # ---------------------------------------------------------------------------------------------------- end to end
-def measure_e2e(clip, dataset, names, args, model: StepModel, tokens: dict[str, int]) -> dict:
-    """run_sweep over the prompt runs of `dataset`, every engine step timed and predicted by the grid's model; then
-    run_sweep over its baselines, timed apart (the same work in the released code: zero-shot weights, L-BFGS)."""
+class Ledger:
+    """The pieces of one e2e measurement kept in a folder (`--e2e-dir`): a measurement of a whole dataset may take
+    longer than one sitting, so each piece (one process) appends its wall time and its timed engine steps to
+    pieces.jsonl when it stops, and rewrites running.json every `HEARTBEAT_S` while it runs. A piece killed before
+    its line was written is folded in from its last heartbeat by the next piece (`kind: killed`). Steps redone after
+    a kill (those after the last checkpoint) stay in the wall time: they are what the interruption cost."""
+
+    HEARTBEAT_S = 30.0
+
+    def __init__(self, folder: Path) -> None:
+        import json
+
+        self.json = json
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+        self.pieces_path, self.running_path = folder / "pieces.jsonl", folder / "running.json"
+        self.last_beat = 0.0
+
+    def pieces(self) -> list[dict]:
+        if not self.pieces_path.exists():
+            return []
+        return [self.json.loads(line) for line in self.pieces_path.read_text().splitlines() if line.strip()]
+
+    def recover(self) -> None:
+        if self.running_path.exists():
+            piece = self.json.loads(self.running_path.read_text())
+            piece["kind"] = "killed"
+            self.append(piece)
+
+    def append(self, piece: dict) -> None:
+        with open(self.pieces_path, "a") as handle:
+            handle.write(self.json.dumps(piece) + "\n")
+        self.running_path.unlink(missing_ok=True)
+
+    def beat(self, piece: dict, force: bool = False) -> None:
+        now = time.monotonic()
+        if force or now - self.last_beat >= self.HEARTBEAT_S:
+            temporary = self.running_path.with_suffix(".tmp")
+            temporary.write_text(self.json.dumps(piece))
+            temporary.replace(self.running_path)
+            self.last_beat = now
+
+
+def measure_e2e(clip, dataset, names, args) -> dict | None:
+    """run_sweep over the prompt runs of `dataset`, every engine step timed (for the grid's model to predict them);
+    then run_sweep over its baselines, timed apart (the same work in the released code: zero-shot weights, L-BFGS).
+
+    With `--e2e-dir` the sweep folders are kept and a rerun of the same command resumes them from their checkpoints;
+    `--e2e-hours` (or SIGTERM / SIGINT) ends a piece cleanly at a checkpoint. Returns None while the dataset's runs
+    are not all done, else the measurement summed over its pieces."""
+    import signal
+    import tempfile
+
     cache = SyntheticCache(dataset, names)
     configs = protocol_configs(dataset, PROMPT_METHODS, args.epoch_scale)
     baselines = protocol_configs(dataset, BASELINES) if args.e2e_baselines else []
-    steps: list[tuple[str, int, float]] = []
+    temporary = None
+    if args.e2e_dir is None:
+        temporary = tempfile.TemporaryDirectory()
+        folder = Path(temporary.name)
+    else:
+        folder = args.e2e_dir / f"{dataset}-scale{args.epoch_scale:g}{'-baselines' if baselines else ''}"
+    ledger = Ledger(folder)
+    ledger.recover()
+    options = SweepOptions(progress=args.progress, checkpoint_minutes=args.checkpoint_minutes)
+    deadline = time.monotonic() + args.e2e_hours * 3600 if args.e2e_hours else None
+    started = time.monotonic()
+    piece = {"kind": "piece", "threads": args.threads, "wall": 0.0, "baseline_wall": 0.0, "steps": []}
     original = LockstepEngine.step
+
+    def stop(*_):  # at the next step: the sweep checkpoints the group and returns
+        options.stop_after_steps = 0
 
     def timed_step(engine):
         active = sum(1 for run in engine.runs if not run.done and run.status != "failed")
-        started = time.perf_counter()
+        begun = time.perf_counter()
         result = original(engine)
-        steps.append((family(engine.runs[0].config.method), active, time.perf_counter() - started))
+        piece["steps"].append((family(engine.runs[0].config.method), active, time.perf_counter() - begun))
+        piece["wall"] = time.monotonic() - started
+        ledger.beat(piece)
+        if deadline is not None and time.monotonic() >= deadline:
+            stop()
         return result
 
-    import tempfile
-
+    handlers = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     LockstepEngine.step = timed_step
     try:
-        with tempfile.TemporaryDirectory() as folder:
-            started = time.perf_counter()
-            records = run_sweep(cache, clip, configs, Path(folder) / "sweep", SweepOptions(progress=args.progress))
-            wall = time.perf_counter() - started
-            started = time.perf_counter()
-            if baselines:
-                records += run_sweep(cache, clip, baselines, Path(folder) / "base", SweepOptions(progress=False))
-            baseline_wall = time.perf_counter() - started
+        records = run_sweep(cache, clip, configs, folder / "sweep", options)
+        piece["wall"] = time.monotonic() - started
+        complete = len(records) == len(configs) and all(r["status"] == "done" for r in records)
+        if complete and baselines:
+            begun = time.monotonic()
+            records += run_sweep(cache, clip, baselines, folder / "base", SweepOptions(progress=False))
+            piece["baseline_wall"] = time.monotonic() - begun
     finally:
         LockstepEngine.step = original
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        ledger.append(piece)
+    pieces = ledger.pieces()
+    if temporary is not None:
+        temporary.cleanup()
+    if not complete:
+        done = sum(1 for r in records if r["status"] == "done")
+        print(f"{dataset}: piece {len(pieces)} stopped after {piece['wall']:.0f} s with {done} of {len(configs)} "
+              f"prompt runs done; rerun the same command to go on.", flush=True)  # fmt: skip
+        return None
     assert len(records) == len(configs) + len(baselines), "a run is missing"
     assert all(r["status"] == "done" for r in records), "a run did not finish"
+    steps = [tuple(step) for p in pieces for step in p["steps"]]
+    wall = sum(p["wall"] for p in pieces)
     measured_steps = sum(seconds for _, _, seconds in steps)
-    predicted_steps = sum(model.predict(fam, p, tokens[fam]) for fam, p, _ in steps)
     return {
         "configs": configs,
         "wall": wall,
+        "pieces": len(pieces),
+        "killed": sum(1 for p in pieces if p["kind"] == "killed"),
+        "threads": sorted({p["threads"] for p in pieces}),
         "baselines": len(baselines),
-        "baseline_wall": baseline_wall,
+        "baseline_wall": sum(p["baseline_wall"] for p in pieces),
         "steps": steps,
         "measured_steps": measured_steps,
-        "predicted_steps": predicted_steps,
         "overhead": wall - measured_steps,
     }
 
@@ -391,6 +478,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=RESULTS / "protocol.csv", help="CSV to append rows to")
     parser.add_argument("--progress", action="store_true", help="progress bars of the e2e sweeps")
     parser.add_argument("--e2e-baselines", action="store_true", help="also time the e2e datasets' 45 baseline runs")
+    parser.add_argument("--e2e-dir", type=Path, help="keep the e2e sweeps here; a rerun resumes them (long runs)")
+    parser.add_argument("--e2e-hours", type=float, help="end this piece of the e2e cleanly after this many hours")
+    parser.add_argument("--checkpoint-minutes", type=float, default=10.0, help="the e2e sweeps' checkpoint interval")
     parser.add_argument("--plot", action="store_true", help="only draw protocol.png from the CSV's latest rows")
     parser.add_argument("--note", default="", help="appended to every row's note (e.g. the machine's load)")
     return parser.parse_args(argv)
@@ -402,9 +492,17 @@ def main(argv=None) -> int:
         return plot(args.out, args.out.with_suffix(".png"))
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    keep_freed_memory()  # as `fastprompt train` on a CPU
     started = time.perf_counter()
     clip = load_clip("RN50", quick_gelu=True)  # random weights; OpenAI's network
     names = {dataset: classnames(dataset, args.prompts) for dataset in DATASETS}
+    e2e = {}
+    for dataset in args.e2e:  # first: a long measurement in pieces needs no grid until its last piece
+        print(f"end to end: {dataset} at epoch scale {args.epoch_scale}...", flush=True)
+        result = measure_e2e(clip, dataset, names[dataset], args)
+        if result is None:
+            return 0
+        e2e[dataset] = result
     token_cache: dict = {}
     tokens = {
         d: {fam: tokens_per_run(clip, names[d], d, fam, token_cache) for fam in ("coop", "prograd")} for d in DATASETS
@@ -412,11 +510,9 @@ def main(argv=None) -> int:
     step_model, rows = measure_grid(clip, args, token_cache)
     reference_model, reference_rows = measure_reference(clip, args)
     rows += reference_rows
+    for dataset, result in e2e.items():
+        result["predicted_steps"] = sum(step_model.predict(f, p, tokens[dataset][f]) for f, p, _ in result["steps"])
 
-    e2e = {}
-    for dataset in args.e2e:
-        print(f"end to end: {dataset} at epoch scale {args.epoch_scale}...", flush=True)
-        e2e[dataset] = measure_e2e(clip, dataset, names[dataset], args, step_model, tokens[dataset])
     if e2e:  # overhead o0 + o1 K by least squares over the e2e datasets (o1 = 0 with one dataset)
         ks = [len(names[d]) for d in e2e]
         overheads = [result["overhead"] for result in e2e.values()]
@@ -459,7 +555,13 @@ def main(argv=None) -> int:
                 "note": f"run_sweep of the prompt runs; its {len(result['steps'])} engine steps took "
                 f"{result['measured_steps']:.4g} s, the step model says {result['predicted_steps']:.4g} s "
                 f"({step_error:+.1f}%); model_s = lock-step simulation + overhead fit; released code: steps x its "
-                "per-step model (its set-up and evaluation not counted)",
+                "per-step model (its set-up and evaluation not counted)"
+                + (
+                    f"; measured in {result['pieces']} pieces ({result['killed']} killed), resumed from checkpoints, "
+                    f"torch threads {result['threads']}"
+                    if result["pieces"] > 1
+                    else ""
+                ),
             }
         )
         if not result["baselines"]:
