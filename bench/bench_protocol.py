@@ -108,14 +108,16 @@ class SyntheticCache:
     """A FeatureCache stand-in of a dataset's real sizes: shots x K training images per subset (the 16-shot subset
     holds the others, as in CoOp's sampling only in size), min(shots, 4) x K validation images, the real test split."""
 
-    def __init__(self, dataset: str, names: list[str], views: int = 2) -> None:
+    def __init__(
+        self, dataset: str, names: list[str], views: int = 2, dim: int = EMBED_DIM, model: str = "RN50"
+    ) -> None:
         k = len(names)
         generator = torch.Generator().manual_seed(0)
         self.path, self.dataset, self.classnames = Path("synthetic"), dataset, list(names)
-        self.manifest = {"model": {"name": "RN50"}, "views": views, "templates": {}, "dataset": dataset}
+        self.manifest = {"model": {"name": model}, "views": views, "templates": {}, "dataset": dataset}
 
         def split(n: int, views: int) -> SplitFeatures:
-            features = torch.randn(n, views, EMBED_DIM, generator=generator)
+            features = torch.randn(n, views, dim, generator=generator)
             labels = torch.arange(n) % k
             return SplitFeatures(
                 features=features, labels=labels, keys=[f"i{i}" for i in range(n)], center=features[:, 0].clone()
@@ -158,6 +160,19 @@ class StepModel:
         return StepModel(coefficients)
 
 
+def feature_dim(clip) -> int:
+    """The width of the model's image and text features."""
+    with torch.no_grad():
+        return int(clip.model.encode_text(clip.tokenizer(["a"]).to(clip.device)).shape[-1])
+
+
+def synchronised(calls: dict, device: str) -> dict:
+    """On CUDA a call's time is until its work is done on the device."""
+    if device == "cpu":
+        return calls
+    return {name: (lambda fn=fn: (fn(), torch.cuda.synchronize())) for name, fn in calls.items()}
+
+
 def family(method: str) -> str:
     return "coop" if method == "coop" else "prograd"
 
@@ -178,7 +193,7 @@ def grid_engine(clip, names, dataset, method, p, teacher) -> LockstepEngine:
     """P runs of `method` on 16-shot synthetic features of K = len(names) classes, ready to step."""
     k = len(names)
     encoder = encoder_for(clip, names, dataset, method)
-    features = torch.randn(16 * k, 2, EMBED_DIM, generator=torch.Generator().manual_seed(1))
+    features = torch.randn(16 * k, 2, teacher.shape[1], generator=torch.Generator().manual_seed(1))
     labels = torch.arange(16 * k) % k
     runs = []
     for seed in range(1, p + 1):
@@ -211,7 +226,7 @@ def measure_grid(clip, args, tokens_cache) -> tuple[StepModel, list[dict]]:
                 steps[name] = grid_engine(clip, names, dataset, method, p, teacher).step
                 shapes[name] = (method, dataset, k, p, tokens_per_run(clip, names, dataset, method, tokens_cache))
     print(f"grid: {len(steps)} engines, {args.repeats} rounds after one warm-up...", flush=True)
-    times = interleaved(steps, args.repeats, warmup=1)
+    times = interleaved(synchronised(steps, args.device), args.repeats, warmup=1)
     points: dict[str, list] = {"coop": [], "prograd": []}
     for name, (method, _, _k, p, tokens) in shapes.items():
         points[method].append((p, tokens, median(times[name])))
@@ -277,7 +292,7 @@ def measure_reference(clip, args) -> tuple[ReferenceModel, list[dict]]:
     image_step = next(iter(calls.values()))
     calls["image_tower_x1"] = image_step.image_features
     print(f"reference: {len(calls)} variants, {args.reference_repeats} rounds after one warm-up...", flush=True)
-    times = interleaved(calls, args.reference_repeats, warmup=1)
+    times = interleaved(synchronised(calls, args.device), args.reference_repeats, warmup=1)
     t_img = median(times["image_tower_x1"])
     top = max(args.reference_classes)
     tau = {
@@ -390,7 +405,7 @@ def measure_e2e(clip, dataset, names, args) -> dict | None:
     import signal
     import tempfile
 
-    cache = SyntheticCache(dataset, names)
+    cache = SyntheticCache(dataset, names, dim=feature_dim(clip), model=clip.name)
     configs = protocol_configs(dataset, PROMPT_METHODS, args.epoch_scale)
     baselines = protocol_configs(dataset, BASELINES) if args.e2e_baselines else []
     temporary = None
@@ -398,10 +413,11 @@ def measure_e2e(clip, dataset, names, args) -> dict | None:
         temporary = tempfile.TemporaryDirectory()
         folder = Path(temporary.name)
     else:
-        folder = args.e2e_dir / f"{dataset}-scale{args.epoch_scale:g}{'-baselines' if baselines else ''}"
+        on = "" if args.device == "cpu" else f"-{args.device}"
+        folder = args.e2e_dir / f"{dataset}-scale{args.epoch_scale:g}{'-baselines' if baselines else ''}{on}"
     ledger = Ledger(folder)
     ledger.recover()
-    options = SweepOptions(progress=args.progress, checkpoint_minutes=args.checkpoint_minutes)
+    options = SweepOptions(device=args.device, progress=args.progress, checkpoint_minutes=args.checkpoint_minutes)
     deadline = time.monotonic() + args.e2e_hours * 3600 if args.e2e_hours else None
     started = time.monotonic()
     piece = {"kind": "piece", "threads": args.threads, "wall": 0.0, "baseline_wall": 0.0, "steps": []}
@@ -414,6 +430,8 @@ def measure_e2e(clip, dataset, names, args) -> dict | None:
         active = sum(1 for run in engine.runs if not run.done and run.status != "failed")
         begun = time.perf_counter()
         result = original(engine)
+        if args.device != "cpu":  # a step's time is until its work is done on the device
+            torch.cuda.synchronize()
         piece["steps"].append((family(engine.runs[0].config.method), active, time.perf_counter() - begun))
         piece["wall"] = time.monotonic() - started
         ledger.beat(piece)
@@ -429,7 +447,7 @@ def measure_e2e(clip, dataset, names, args) -> dict | None:
         complete = len(records) == len(configs) and all(r["status"] == "done" for r in records)
         if complete and baselines:
             begun = time.monotonic()
-            records += run_sweep(cache, clip, baselines, folder / "base", SweepOptions(progress=False))
+            records += run_sweep(cache, clip, baselines, folder / "base", SweepOptions(args.device, progress=False))
             piece["baseline_wall"] = time.monotonic() - begun
     finally:
         LockstepEngine.step = original
@@ -473,7 +491,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--e2e", nargs="*", default=["EuroSAT"], help="datasets run end to end")
     parser.add_argument("--epoch-scale", type=float, default=0.02, help="epochs x this in the e2e runs (1: whole)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    parser.add_argument("--group", type=int, default=15, help="runs per lock-step group (a CPU sweep's: 15)")
+    parser.add_argument("--group", type=int, help="runs per lock-step group (default: a sweep's, 15 on a CPU)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where everything runs (cpu)")
+    parser.add_argument("--model", default="RN50", help="open_clip model, random weights (RN50; tests: a tiny one)")
     parser.add_argument("--prompts", type=Path, default=DEFAULT_PROMPTS, help="clip_prompts.json with class names")
     parser.add_argument("--out", type=Path, default=RESULTS / "protocol.csv", help="CSV to append rows to")
     parser.add_argument("--progress", action="store_true", help="progress bars of the e2e sweeps")
@@ -492,9 +512,14 @@ def main(argv=None) -> int:
         return plot(args.out, args.out.with_suffix(".png"))
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    keep_freed_memory()  # as `fastprompt train` on a CPU
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device here")
+    if args.device == "cpu":
+        keep_freed_memory()  # as `fastprompt train` on a CPU
+    if args.group is None:  # as `_sweep` forms groups: at most 15 runs on a CPU, SweepOptions.max_group elsewhere
+        args.group = 15 if args.device == "cpu" else SweepOptions().max_group
     started = time.perf_counter()
-    clip = load_clip("RN50", quick_gelu=True)  # random weights; OpenAI's network
+    clip = load_clip(args.model, device=args.device, quick_gelu=True)  # random weights; OpenAI's network
     names = {dataset: classnames(dataset, args.prompts) for dataset in DATASETS}
     e2e = {}
     for dataset in args.e2e:  # first: a long measurement in pieces needs no grid until its last piece

@@ -11,8 +11,11 @@
 #   train    bench_train_step.py --device cuda, P = 1, 15, 45 on RN50          -> train_step.csv
 #   cache    bench_cache.py --device cuda, RN50, generated JPEGs               -> cache.csv
 #   memory   bench_memory.py --device cuda, ImageNet size, chunks and auto     -> memory.csv
+#   protocol bench_protocol.py --device cuda: step grid, the released code's step, EuroSAT's 45 prompt runs end to
+#            end at half the protocol's epochs against the projection              -> protocol.csv
+# Budgets add up to 460 s, so the script ends within 8 minutes even when every part runs out of time.
 # and at the end summary.csv (part, status, exit code, seconds, budget, rows) and gpu_check.log (every part's output).
-# OUTDIR receives these 7 files only; scratch files go to a temporary folder.
+# OUTDIR receives these 8 files only; scratch files go to a temporary folder.
 #
 # Environment: no install is needed. The tree's root goes on PYTHONPATH (fastprompt/__init__.py maps kernels/ and
 # cli/ there); PYTHON (default python3, else python) must import torch, triton and the packages that
@@ -61,11 +64,12 @@ workers=$(( $(nproc 2>/dev/null || echo 8) < 8 ? $(nproc 2>/dev/null || echo 8) 
 
 # name | budget (s) | output file | command (run with $PYTHON, words split on spaces)
 PARTS=(
-    "tests|90|gpu_tests.xml|-m pytest -q -p no:cacheprovider -m gpu --junitxml=$OUTDIR/gpu_tests.xml $gpu_test_files"
-    "kernel|100|prograd_update.csv|bench/bench_prograd_update.py --quick --out $OUTDIR/prograd_update.csv"
-    "train|80|train_step.csv|bench/bench_train_step.py --device cuda --contexts 1 15 45 --repeats 20 --out $OUTDIR/train_step.csv"
-    "cache|80|cache.csv|bench/bench_cache.py --device cuda --model RN50 --images 512 --views 4 --num-workers $workers --repeats 2 --out $OUTDIR/cache.csv"
-    "memory|100|memory.csv|bench/bench_memory.py --device cuda --contexts 15 45 --chunks none auto auto=4096 --steps 2 --worker-timeout 60 --out $OUTDIR/memory.csv"
+    "tests|80|gpu_tests.xml|-m pytest -q -p no:cacheprovider -m gpu --junitxml=$OUTDIR/gpu_tests.xml $gpu_test_files"
+    "kernel|75|prograd_update.csv|bench/bench_prograd_update.py --quick --out $OUTDIR/prograd_update.csv"
+    "train|65|train_step.csv|bench/bench_train_step.py --device cuda --contexts 1 15 45 --repeats 20 --out $OUTDIR/train_step.csv"
+    "cache|65|cache.csv|bench/bench_cache.py --device cuda --model RN50 --images 512 --views 4 --num-workers $workers --repeats 2 --out $OUTDIR/cache.csv"
+    "memory|80|memory.csv|bench/bench_memory.py --device cuda --contexts 15 45 --chunks none auto auto=4096 --steps 2 --worker-timeout 60 --out $OUTDIR/memory.csv"
+    "protocol|95|protocol.csv|bench/bench_protocol.py --device cuda --e2e EuroSAT --epoch-scale 0.5 --repeats 5 --reference-repeats 3 --grid-contexts 1 15 45 --out $OUTDIR/protocol.csv"
 )
 
 if [ "$dry_run" = 1 ]; then

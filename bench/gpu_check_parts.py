@@ -85,6 +85,7 @@ def validate(commands: list[list[str]]) -> int:
                 script = ROOT / command[0]
                 spec = importlib.util.spec_from_file_location(script.stem, script)
                 module = importlib.util.module_from_spec(spec)
+                sys.modules[script.stem] = module  # as when run by path: dataclasses look their module up
                 spec.loader.exec_module(module)
                 module.parse_args(command[1:])
         except (Exception, SystemExit) as error:  # noqa: BLE001  (argparse exits; report every part, then fail)

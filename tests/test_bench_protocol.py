@@ -6,6 +6,7 @@ folded in from its last heartbeat."""
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import sys
 from pathlib import Path
@@ -33,13 +34,12 @@ def tiny():
 @pytest.fixture
 def small_protocol(monkeypatch):
     """The protocol's 45 prompt runs of EuroSAT at 4% of the epochs, on 3 classes of 64-wide synthetic features."""
-    monkeypatch.setattr(bench_protocol, "EMBED_DIM", 64)
     monkeypatch.setitem(bench_protocol.TEST_SIZES, "EuroSAT", 12)
 
 
 def _args(folder: Path, hours: float | None = None) -> argparse.Namespace:
     return argparse.Namespace(epoch_scale=0.04, e2e_baselines=False, e2e_dir=folder, e2e_hours=hours,
-                              checkpoint_minutes=10.0, progress=False, threads=1)  # fmt: skip
+                              checkpoint_minutes=10.0, progress=False, threads=1, device="cpu")  # fmt: skip
 
 
 def _contexts(folder: Path) -> dict[str, torch.Tensor]:
@@ -81,3 +81,27 @@ def test_a_killed_piece_is_folded_in_from_its_heartbeat(tmp_path):
     assert not (tmp_path / "running.json").exists()
     later.recover()  # nothing more to fold in
     assert len(later.pieces()) == 2
+
+
+def test_the_whole_script_on_a_tiny_model(small_protocol, tmp_path, keep_threads):
+    """bench/gpu_check.sh's protocol part runs this script on CUDA; here on the CPU, so it cannot rot."""
+    out = tmp_path / "protocol.csv"
+    args = ["--model", "fastprompt-tiny", "--e2e", "EuroSAT", "--epoch-scale", "0.02", "--repeats", "1",
+            "--reference-repeats", "1", "--grid-contexts", "1", "2", "--out", str(out)]  # fmt: skip
+    assert bench_protocol.main(args) == 0
+    with open(out, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    kinds = [r["kind"] for r in rows]
+    assert kinds.count("grid") == 8 and kinds.count("e2e") == 1 and kinds.count("projection") == 11
+    assert kinds[-1] == "total" and float(rows[-1]["ratio"]) > 0
+    (e2e,) = [r for r in rows if r["kind"] == "e2e"]
+    assert e2e["dataset"] == "EuroSAT" and int(e2e["runs"]) == 45 and float(e2e["measured_s"]) > 0
+    assert bench_protocol.parse_args(["--device", "cuda"]).device == "cuda"
+
+
+@pytest.fixture
+def keep_threads():
+    """The bench sets torch's thread count; this test process keeps its own."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)

@@ -27,7 +27,7 @@ import bench_train_step  # noqa: E402
 import common  # noqa: E402
 import gpu_check_parts  # noqa: E402
 
-PARTS = ("tests", "kernel", "train", "cache", "memory")
+PARTS = ("tests", "kernel", "train", "cache", "memory", "protocol")
 
 
 def run_script(*args: str, **env: str) -> subprocess.CompletedProcess:
