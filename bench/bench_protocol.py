@@ -43,6 +43,7 @@ Usage (times measured on a loaded 2-core machine, 1 thread):
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -362,9 +363,6 @@ class Ledger:
     HEARTBEAT_S = 30.0
 
     def __init__(self, folder: Path) -> None:
-        import json
-
-        self.json = json
         self.folder = folder
         folder.mkdir(parents=True, exist_ok=True)
         self.pieces_path, self.running_path = folder / "pieces.jsonl", folder / "running.json"
@@ -373,24 +371,24 @@ class Ledger:
     def pieces(self) -> list[dict]:
         if not self.pieces_path.exists():
             return []
-        return [self.json.loads(line) for line in self.pieces_path.read_text().splitlines() if line.strip()]
+        return [json.loads(line) for line in self.pieces_path.read_text().splitlines() if line.strip()]
 
     def recover(self) -> None:
         if self.running_path.exists():
-            piece = self.json.loads(self.running_path.read_text())
+            piece = json.loads(self.running_path.read_text())
             piece["kind"] = "killed"
             self.append(piece)
 
     def append(self, piece: dict) -> None:
         with open(self.pieces_path, "a") as handle:
-            handle.write(self.json.dumps(piece) + "\n")
+            handle.write(json.dumps(piece) + "\n")
         self.running_path.unlink(missing_ok=True)
 
     def beat(self, piece: dict, force: bool = False) -> None:
         now = time.monotonic()
         if force or now - self.last_beat >= self.HEARTBEAT_S:
             temporary = self.running_path.with_suffix(".tmp")
-            temporary.write_text(self.json.dumps(piece))
+            temporary.write_text(json.dumps(piece))
             temporary.replace(self.running_path)
             self.last_beat = now
 
