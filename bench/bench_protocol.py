@@ -26,7 +26,7 @@ Parts, all in one process (timings interleaved where they are compared):
    ProGrad with ProGrad++), a group stepping until its longest run ends with P its runs still active; fastprompt =
    sum of the model's step times + overhead; released code = sum over runs of steps x its per-step time at K.
 
-Rows go to bench/results/protocol.csv (kinds: grid, reference, e2e, projection, total); `--plot` draws
+Rows go to bench/results/protocol.csv (kinds: grid, reference, e2e, e2e_step, projection, total); `--plot` draws
 protocol.png (cost against classes) from the CSV's latest rows.
 
 Usage (times measured on a loaded 2-core machine, 1 thread):
@@ -479,6 +479,34 @@ def measure_e2e(clip, dataset, names, args) -> dict | None:
     }
 
 
+def step_rows(dataset: str, k: int, steps, model: StepModel, tokens: dict[str, int]) -> list[dict]:
+    """Per method family and active runs P: the e2e sweep's engine steps (median) against the grid's model."""
+    by_shape: dict[tuple[str, int], list[float]] = {}
+    for fam, p, seconds in steps:
+        by_shape.setdefault((fam, p), []).append(seconds)
+    rows = []
+    for (fam, p), times in sorted(by_shape.items()):
+        measured, predicted = median(times), model.predict(fam, p, tokens[fam])
+        rows.append(
+            {
+                "kind": "e2e_step",
+                "dataset": dataset,
+                "method": fam,
+                "K": k,
+                "P": p,
+                "tokens_per_run": tokens[fam],
+                "steps": len(times),
+                "measured_s": f"{measured:.4g}",
+                "model_s": f"{predicted:.4g}",
+                "model_error_pct": f"{100 * (predicted - measured) / measured:+.1f}",
+                "repeats": len(times),
+                "note": f"seconds per group-step inside the e2e sweep (median of its {len(times)} steps with P runs "
+                "active) against the grid's model",
+            }
+        )
+    return rows
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--grid-classes", nargs="+", type=int, default=[10, 47], help="K of the grid (dataset sizes)")
@@ -587,6 +615,7 @@ def main(argv=None) -> int:
                 ),
             }
         )
+        rows += step_rows(dataset, k, result["steps"], step_model, tokens[dataset])
         if not result["baselines"]:
             continue
         rows.append(

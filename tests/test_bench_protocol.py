@@ -96,6 +96,9 @@ def test_the_whole_script_on_a_tiny_model(small_protocol, tmp_path, keep_threads
     assert kinds[-1] == "total" and float(rows[-1]["ratio"]) > 0
     (e2e,) = [r for r in rows if r["kind"] == "e2e"]
     assert e2e["dataset"] == "EuroSAT" and int(e2e["runs"]) == 45 and float(e2e["measured_s"]) > 0
+    shapes = [r for r in rows if r["kind"] == "e2e_step"]  # the sweep's steps by family and active runs
+    assert {r["method"] for r in shapes} == {"coop", "prograd"} and all(float(r["model_s"]) > 0 for r in shapes)
+    assert sum(int(r["steps"]) for r in shapes) == int(e2e["note"].split(" engine steps")[0].split()[-1])
     assert bench_protocol.parse_args(["--device", "cuda"]).device == "cuda"
 
 
