@@ -312,48 +312,44 @@ def _at(records: list[dict], pairs: set) -> list[dict]:
     ]
 
 
-def kd_section(ctx: Context) -> bool:
-    """Table 5: knowledge distillation (L_ce + alpha L_kl) at each alpha against ProGrad's projection."""
-    tagged = set(_tagged("Table 5"))
+def _two_sided_section(ctx: Context, table: str, side, title: str, intro: str, name: str) -> bool:
+    """A paper table that compares two kinds of its tagged methods (`side(declaration)` True or False) at the
+    (dataset, shots) pairs where both kinds ran; False (nothing written) where there is no such pair."""
+    tagged = set(_tagged(table))
     records = [r for r in ctx.fewshot if is_standard(r) and r["method"] in tagged]
-    kd = {(r["dataset"], r["shots"]) for r in records if declared(r["method"]).update == "kd"}
-    others = {(r["dataset"], r["shots"]) for r in records if declared(r["method"]).update != "kd"}
-    pairs = kd & others
+    one = {(r["dataset"], r["shots"]) for r in records if side(declared(r["method"]))}
+    other = {(r["dataset"], r["shots"]) for r in records if not side(declared(r["method"]))}
+    pairs = one & other
     if not pairs:
         return False
     records = _at(records, pairs)
     merge, _ = lambda_merge(records)
-    _comparison(
+    _comparison(ctx, title, intro, name, records, lambda r: variant_of(r, merge))
+    return True
+
+
+def kd_section(ctx: Context) -> bool:
+    """Table 5: knowledge distillation (L_ce + alpha L_kl) at each alpha against ProGrad's projection."""
+    return _two_sided_section(
         ctx,
+        "Table 5",
+        lambda declaration: declaration.update == "kd",
         "Table 5: knowledge distillation vs. ProGrad",
         "KD adds alpha times the KL to the zero-shot prediction to the loss; ProGrad projects instead.",
         "table5_kd",
-        records,
-        lambda r: variant_of(r, merge),
     )
-    return True
 
 
 def cosine_section(ctx: Context) -> bool:
     """Table 6: a classifier head without and with ProGrad's projection (the cosine classifier)."""
-    tagged = set(_tagged("Table 6"))
-    records = [r for r in ctx.fewshot if is_standard(r) and r["method"] in tagged]
-    projected = {(r["dataset"], r["shots"]) for r in records if declared(r["method"]).projects}
-    plain = {(r["dataset"], r["shots"]) for r in records if not declared(r["method"]).projects}
-    pairs = projected & plain
-    if not pairs:
-        return False
-    records = _at(records, pairs)
-    merge, _ = lambda_merge(records)
-    _comparison(
+    return _two_sided_section(
         ctx,
+        "Table 6",
+        lambda declaration: declaration.projects,
         "Table 6: cosine classifier with and without ProGrad",
         "A cosine classifier on the cached image features, trained alone and with its gradient projected.",
         "table6_cosine",
-        records,
-        lambda r: variant_of(r, merge),
     )
-    return True
 
 
 def lambda_section(ctx: Context) -> bool:
